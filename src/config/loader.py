@@ -1,0 +1,326 @@
+"""Load a run's configuration: schema defaults < `__base__` chain < the file < `key=value` overrides.
+
+Every layer is checked against the schema before it is merged, so an unknown key is reported with
+the file (or the command line) that wrote it. Nothing here builds a component or touches the disk
+beyond reading YAML.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import dataclasses
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from src.config.schema import (
+    ALIASES,
+    CHOICES,
+    COMPONENT_SECTIONS,
+    PRECISIONS,
+    RANGES,
+    TEMPLATE_KEYS,
+    RootConfig,
+)
+from src.errors import ConfigError, did_you_mean
+
+CLI = "the command line"
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that also reads `1e-4` as a float (YAML 1.1 alone would make it a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$|^[-+]?\d[\d_]*\.\d*$|^[-+]?\.\d+$"),
+    list("-+0123456789."),
+)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The validated, merged configuration of `path` with `overrides` applied."""
+    cfg, _ = load_config_with_sources(path, overrides)
+    return cfg
+
+
+def load_config_with_sources(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[DictConfig, dict[str, str]]:
+    """Like `load_config`, plus which file (or the command line) set each leaf key."""
+    path = Path(path)
+    merged: dict[str, Any] = dataclasses.asdict(RootConfig())
+    sources = {key: "default" for key in _leaves(merged)}
+    for layer, origin in [*_file_layers(path, ()), (parse_overrides(overrides), CLI)]:
+        layer = _normalise(layer, origin)
+        check_keys(layer, origin)
+        _merge(merged, layer)
+        for key in _leaves(layer):
+            sources[key] = origin
+    check_values(merged, sources)
+    return OmegaConf.create(merged), sources
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`a.b=1 c=[1,2]` -> nested dict, values parsed as YAML (so `1e-3` is a float, `0,1` a string)."""
+    result: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part.isidentifier() for part in key.split(".")):
+            raise ConfigError(f"malformed override '{item}': write key=value, e.g. optimizer.lr=0.01")
+        try:
+            value = yaml.load(text, Loader=_Loader) if text.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({_first_line(err)})") from None
+        node = result
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with another override of '{part}'")
+        node[leaf] = value
+    return result
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML file as a dict; a missing file or a syntax error is one line with the file and line."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.load(path.read_text(), Loader=_Loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"YAML syntax error in {where}: {_first_line(err)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def _file_layers(path: Path, chain: tuple[Path, ...]) -> list[tuple[dict[str, Any], str]]:
+    """The file's `__base__` layers (oldest first) followed by the file itself."""
+    path = path.resolve() if path.is_absolute() else path
+    key = path.resolve()
+    if key in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, key))
+        raise ConfigError(f"cyclic __base__: {cycle}")
+    data = read_yaml(path)
+    bases = data.pop("__base__", None) or []
+    layers: list[tuple[dict[str, Any], str]] = []
+    for base in [bases] if isinstance(bases, str) else list(bases):
+        base_path = path.parent / str(base)
+        if not base_path.is_file():
+            raise ConfigError(f"__base__ '{base}' in {path} not found (looked for {base_path})")
+        layers += _file_layers(base_path, (*chain, key))
+    layers.append((_expand_imports(data, path), str(path)))
+    return layers
+
+
+def _expand_imports(node: Any, path: Path, section: str | None = None) -> Any:
+    """Replace `__import__: file` inside any mapping by that file's content, local keys winning."""
+    if not isinstance(node, dict):
+        return node
+    node = {k: _expand_imports(v, path, k) for k, v in node.items()}
+    imported = node.pop("__import__", None)
+    if imported is None:
+        return node
+    result: dict[str, Any] = {}
+    for item in [imported] if isinstance(imported, str) else list(imported):
+        file = path.parent / str(item)
+        if not file.is_file():
+            raise ConfigError(f"__import__ '{item}' in {path} not found (looked for {file})")
+        content = _expand_imports(read_yaml(file), file)
+        if section is not None and section in content:  # a file holding `section: {...}` (maybe beside others)
+            content = content[section]
+        _merge(result, content)
+    _merge(result, node)
+    return result
+
+
+def _normalise(layer: dict[str, Any], origin: str) -> dict[str, Any]:
+    """Bare component names become `{name: ...}` and aliases move to their canonical key."""
+    layer = copy.deepcopy(layer)
+    for section in COMPONENT_SECTIONS:
+        value = layer.get(section)
+        if isinstance(value, str) or (value is None and section in layer and section == "lr_scheduler"):
+            layer[section] = {"name": value}
+        elif section in layer and not isinstance(value, dict):
+            raise ConfigError(f"'{section}' in {origin} must be a name or a mapping with 'name', got {value!r}")
+    for alias, canonical in ALIASES.items():
+        a_section, a_key = alias.split(".")
+        if not isinstance(layer.get(a_section), dict) or a_key not in layer[a_section]:
+            continue
+        value = layer[a_section].pop(a_key)
+        c_section, c_key = canonical.split(".")
+        target = layer.setdefault(c_section, {})
+        if c_key in target and target[c_key] != value:
+            raise ConfigError(f"{origin} sets both '{alias}' ({value}) and '{canonical}' ({target[c_key]}); keep one")
+        target[c_key] = value
+    return layer
+
+
+def check_keys(layer: dict[str, Any], origin: str) -> None:
+    """Refuse keys the schema does not know, naming the closest valid one."""
+    _check_dataclass_keys(layer, RootConfig, "", origin)
+
+
+def _check_dataclass_keys(layer: Mapping[str, Any], cls: type, prefix: str, origin: str) -> None:
+    hints = typing.get_type_hints(cls)
+    for key, value in layer.items():
+        if key not in hints:
+            valid = [prefix + k for k in hints]
+            raise ConfigError(
+                f"unknown key '{prefix}{key}' in {origin}{did_you_mean(prefix + str(key), valid)}"
+            )
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{prefix}{key}' in {origin} must be a mapping, got {value!r}")
+            _check_dataclass_keys(value, hints[key], f"{prefix}{key}.", origin)
+        elif key == "transform" and not prefix:
+            if not isinstance(value, dict):
+                raise ConfigError(f"'transform' in {origin} must map train/val/test to lists")
+            for split in value:
+                if split not in ("train", "val", "test"):
+                    raise ConfigError(f"unknown key 'transform.{split}' in {origin}{did_you_mean(split, ['train', 'val', 'test'])}")
+
+
+def check_values(cfg: dict[str, Any], sources: dict[str, str]) -> None:
+    """Types, choices and ranges of the merged configuration."""
+    _check_types(cfg, RootConfig, "", sources)
+    for key, choices in CHOICES.items():
+        value = _get(cfg, key)
+        if value is None:
+            continue
+        text = str(value).lower()
+        if text not in choices:
+            raise ConfigError(
+                f"invalid value {value!r} for '{key}' (from {sources.get(key, 'default')}); "
+                f"choose one of: {', '.join(choices)}"
+            )
+    for key, (low, high, low_inclusive) in RANGES.items():
+        value = _get(cfg, key)
+        if value is None or isinstance(value, str):
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"'{key}' must be a number, got {value!r} (from {sources.get(key, 'default')})")
+        too_low = value < low if low_inclusive else value <= low
+        if too_low or value > high:
+            bound = f"{'>=' if low_inclusive else '>'} {low:g}" + (f" and <= {high:g}" if high != float("inf") else "")
+            raise ConfigError(f"'{key}' must be {bound}, got {value} (from {sources.get(key, 'default')})")
+    for section, keys in TEMPLATE_KEYS.items():
+        for key, default in keys.items():
+            value = cfg[section].get(key, default)
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise ConfigError(f"'{section}.{key}' must be true or false, got {value!r}")
+    if not cfg["model"].get("name") or not cfg["dataset"].get("name"):
+        raise ConfigError("the config must name a model and a dataset, e.g. model: resnet18, dataset: CIFAR10")
+
+
+def _check_types(node: dict[str, Any], cls: type, prefix: str, sources: dict[str, str]) -> None:
+    for key, hint in typing.get_type_hints(cls).items():
+        value, name = node.get(key), prefix + key
+        if dataclasses.is_dataclass(hint):
+            _check_types(value, hint, name + ".", sources)
+            continue
+        fixed = _coerce(value, hint)
+        if fixed is _BAD:
+            expected = _type_name(hint)
+            raise ConfigError(
+                f"'{name}' must be {expected}, got {value!r} (from {sources.get(name, 'default')})"
+            )
+        node[key] = fixed
+
+
+_BAD = object()
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """`value` made to fit `hint` where that is lossless (1 -> 1.0, 16 -> "16"), else _BAD."""
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is not type(None):
+                fixed = _coerce(value, arg)
+                if fixed is not _BAD:
+                    return fixed
+        return _BAD
+    if origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if isinstance(value, str):  # `imports=mypkg` or `evaluation.metrics=accuracy`
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return _BAD
+    if origin is dict:
+        return value if isinstance(value, dict) else _BAD
+    if hint is bool:
+        return value if isinstance(value, bool) else _BAD
+    if hint is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _BAD
+    if hint is float:
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _BAD
+    if hint is str:
+        return str(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else _BAD
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is list:
+        return "a list"
+    if args:
+        return " or ".join(names.get(a, getattr(a, "__name__", str(a))) for a in args) + " or null"
+    return names.get(hint, str(hint))
+
+
+def _merge(base: dict[str, Any], layer: Mapping[str, Any]) -> None:
+    """Deep-merge `layer` into `base`; a component whose name changes drops the old arguments."""
+    for key, value in layer.items():
+        old = base.get(key)
+        if key in COMPONENT_SECTIONS and isinstance(old, dict) and isinstance(value, dict):
+            if "name" in value and value["name"] != old.get("name"):
+                kept = {k: v for k, v in old.items() if k in TEMPLATE_KEYS[key]}
+                base[key] = kept
+                old = kept
+        if isinstance(old, dict) and isinstance(value, dict):
+            _merge(old, value)
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def _leaves(node: Mapping[str, Any], prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            keys += _leaves(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def _get(cfg: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _first_line(err: Exception) -> str:
+    return " ".join(str(err).split())[:200]
+
+
+def normalise_precision(value: str | None) -> str | None:
+    return None if value is None else PRECISIONS[str(value).lower()]

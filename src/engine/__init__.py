@@ -1,0 +1,1 @@
+"""The training loop, the tester, checkpoints, distributed set-up and precision. Only entry points import this."""

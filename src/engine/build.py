@@ -1,0 +1,160 @@
+"""Build a run's parts from its config: data, model, loss, evaluator, optimizer, schedule."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from src.config.schema import TEMPLATE_KEYS
+from src.data import ResumableSampler, build_dataset, build_loader, dataset_num_classes, split_transforms
+from src.engine.distributed import DistContext
+from src.errors import ConfigError
+from src.evaluators import EVALUATOR_REGISTRY
+from src.models import LOSS_REGISTRY, MODEL_REGISTRY
+
+log = logging.getLogger("template")
+
+
+def import_user_modules(modules: list[str]) -> None:
+    """Import the config's `imports:` so their decorators register components before anything is built."""
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as err:
+            where = traceback.extract_tb(err.__traceback__)[-1]
+            raise ConfigError(
+                f"imports: module '{name}' failed to import: {type(err).__name__}: {err} "
+                f"({Path(where.filename).name}:{where.lineno})"
+            ) from None
+
+
+def component_args(section: DictConfig | dict, kind: str) -> dict[str, Any]:
+    """A component section without the keys the template consumes itself."""
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
+    return {k: v for k, v in plain.items() if k not in TEMPLATE_KEYS[kind]}
+
+
+@dataclass
+class Split:
+    dataset: Any
+    sampler: ResumableSampler
+    loader: torch.utils.data.DataLoader
+    generator: torch.Generator | None
+
+
+def build_split(cfg: DictConfig, split: str, ctx: DistContext, shuffle: bool, transforms: dict) -> Split:
+    dataset = build_dataset(cfg.dataset, split=split, transform=transforms.get(split))
+    if len(dataset) == 0:
+        from src.errors import RunError
+
+        raise RunError(f"dataset '{cfg.dataset.name}' has no samples in its {split} split; check dataset.root")
+    sampler = ResumableSampler(len(dataset), shuffle=shuffle, seed=int(cfg.seed), rank=ctx.rank, world_size=ctx.world_size)
+    loader = build_loader(dataset, int(cfg.batch), sampler, cfg.dataloader, seed=int(cfg.seed), device_type=ctx.device.type)
+    return Split(dataset, sampler, loader, getattr(loader, "generator", None))
+
+
+def build_transforms(cfg: DictConfig) -> dict:
+    return split_transforms(cfg.get("transform"))
+
+
+def build_model(cfg: DictConfig, num_classes: int | None) -> nn.Module:
+    args = component_args(cfg.model, "model")
+    if num_classes is not None and "num_classes" not in args and accepts(MODEL_REGISTRY.get(args["name"]), "num_classes"):
+        args["num_classes"] = num_classes
+    model = MODEL_REGISTRY.build(args)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model '{args['name']}' did not build an nn.Module (got {type(model).__name__})")
+    return model
+
+
+def build_loss(cfg: DictConfig) -> Any:
+    return LOSS_REGISTRY.build(component_args(cfg.loss, "loss"))
+
+
+def build_evaluator(cfg: DictConfig, num_classes: int | None) -> Any:
+    args = component_args(cfg.evaluator, "evaluator")
+    if args.get("name") == "classification_evaluator" and "num_classes" not in args:
+        if num_classes is None:
+            raise ConfigError("evaluator.num_classes is needed: the dataset does not say how many classes it has")
+        args["num_classes"] = num_classes
+    if accepts(EVALUATOR_REGISTRY.get(args["name"]), "metrics"):
+        return EVALUATOR_REGISTRY.build(args, metrics=list(cfg.evaluation.metrics))
+    return EVALUATOR_REGISTRY.build(args)
+
+
+def accepts(obj: Any, name: str) -> bool:
+    """Whether a constructor takes the keyword `name` (or any keyword)."""
+    import inspect
+
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def num_classes_of(cfg: DictConfig, dataset: Any) -> int | None:
+    found = dataset_num_classes(dataset)
+    if found is None:
+        found = cfg.model.get("num_classes") or cfg.evaluator.get("num_classes")
+    return found
+
+
+def check_output_size(cfg: DictConfig, model: nn.Module, dataset: Any, num_classes: int | None, device: torch.device) -> None:
+    """Catch a classifier head that does not match the dataset before the first step, not mid-epoch."""
+    if num_classes is None:
+        return
+    sample, _ = dataset[0] if isinstance(dataset[0], (tuple, list)) else (None, None)
+    if not isinstance(sample, torch.Tensor):
+        return
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(sample.unsqueeze(0).to(device))
+    model.train(was)
+    if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] != num_classes:
+        raise ConfigError(
+            f"model '{cfg.model.name}' outputs {out.shape[1]} classes but dataset '{cfg.dataset.name}' "
+            f"has {num_classes}; set model.num_classes={num_classes}"
+        )
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Check every component's name and arguments before a result directory exists."""
+    from src.data import TRANSFORM_REGISTRY
+    from src.optim import LR_SCHEDULER_REGISTRY, OPTIMIZER_REGISTRY
+    from src.registry import DATASET_REGISTRY, check_arguments
+
+    checks = [
+        (MODEL_REGISTRY, "model", {"num_classes"}),
+        (DATASET_REGISTRY, "dataset", {"split", "transform"}),
+        (LOSS_REGISTRY, "loss", set()),
+        (OPTIMIZER_REGISTRY, "optimizer", {"params"}),
+        (EVALUATOR_REGISTRY, "evaluator", {"metrics", "num_classes"}),
+        # the schedule's lengths are filled in from the run when not given
+        (LR_SCHEDULER_REGISTRY, "lr_scheduler", {"optimizer", "total_steps", "max_lr", "T_max", "total_iters"}),
+    ]
+    for registry, kind, context in checks:
+        args = component_args(cfg[kind], kind)
+        name = args.pop("name", None)
+        if not name:
+            continue
+        obj = registry.get(name)
+        check_arguments(obj, args, dict.fromkeys(context), where=f"{registry.name} '{name}'")
+    for split, items in (cfg.get("transform") or {}).items():
+        for item in items or []:
+            name = item if isinstance(item, str) else item.get("name")
+            TRANSFORM_REGISTRY.get(str(name))

@@ -1,0 +1,140 @@
+"""Checkpoint files: atomic writes, safe loads, RNG capture, and finding the newest good one.
+
+A save writes the state once to a temporary file, fsyncs it, then gives it its names (last.pth,
+best.pth, ...) as hard links renamed into place, so every name is either the old complete file or
+the new complete file, never a torn one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from src.errors import RunError
+
+log = logging.getLogger("template")
+
+
+def atomic_save(state: dict[str, Any], names: list[Path]) -> None:
+    """Write `state` once and publish it under every path in `names` atomically."""
+    if not names:
+        return
+    folder = names[0].parent
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".tmp-{os.getpid()}.pth"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    for name in names:
+        staged = name.with_name(f".{name.name}.{os.getpid()}.link")
+        if staged.exists():
+            staged.unlink()
+        try:
+            os.link(tmp, staged)
+        except OSError:  # file systems without hard links: copy
+            import shutil
+
+            shutil.copyfile(tmp, staged)
+        os.replace(staged, name)
+    tmp.unlink()
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """`torch.load(weights_only=True)` with one clear error for a missing or damaged file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, pickle error, foreign file
+        raise RunError(f"checkpoint {path} is corrupt or truncated and cannot be loaded ({type(err).__name__})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise RunError(f"{path} is not a checkpoint of this template (no 'model' entry)")
+    return state
+
+
+def newest_valid_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The most recent checkpoint in `folder` that loads; damaged newer ones are skipped with a warning."""
+    if not folder.is_dir():
+        return None
+    files = [p for p in folder.glob("*.pth") if not p.name.startswith(".")]
+    order = {"last.pth": 0, "previous.pth": 1}
+    files.sort(key=lambda p: (-_progress_key(p), order.get(p.name, 2), p.name))
+    for path in files:
+        try:
+            state = load_checkpoint(path)
+        except RunError as err:
+            log.warning("%s; trying an older checkpoint", err)
+            continue
+        if "progress" in state:
+            return path, state
+    return None
+
+
+def _progress_key(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's RNG states, in types `torch.load(weights_only=True)` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def describe_mismatch(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], limit: int = 5) -> str:
+    """A short summary of keys and shapes that differ between a model and a state dict."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and hasattr(state_dict[k], "shape") and state_dict[k].shape != own[k].shape
+    ]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+            parts.append(f"{len(items)} {label}: {', '.join(items[:limit])}{more}")
+    return "; ".join(parts)

@@ -1,0 +1,168 @@
+"""Which device this process uses and how it talks to its peers (DP, DDP, FSDP2 or none)."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from src.errors import ConfigError
+
+log = logging.getLogger("template")
+
+
+@dataclass
+class DistContext:
+    strategy: str  # "none" | "dp" | "ddp" | "fsdp"
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    dp_ids: list[int] = field(default_factory=list)  # DataParallel device ids
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def parse_gpu_ids(use: Any) -> list[int]:
+    """`"0,1,2"`, `0`, `[0, 1]` -> [0, 1, 2] / [0] / [0, 1]; a clear error for anything else."""
+    items = use if isinstance(use, (list, tuple)) else str(use).replace(" ", "").split(",")
+    try:
+        return [int(i) for i in items if str(i) != ""]
+    except ValueError:
+        raise ConfigError(f"gpu.use must be GPU ids like \"0\" or \"0,1,2,3\", got {use!r}") from None
+
+
+def setup(cfg: Any) -> DistContext:
+    """Pick the device and start the process group if the strategy needs one."""
+    strategy = str(cfg.distributed.strategy).lower()
+    want = str(cfg.gpu.device).lower()
+    ids = parse_gpu_ids(cfg.gpu.use)
+    cuda = torch.cuda.is_available()
+    if want.startswith("cuda") and not cuda:
+        raise ConfigError(f"gpu.device={want} but CUDA is not available here; use gpu.device=auto or gpu.device=cpu")
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if want == "mps" and not mps:
+        raise ConfigError("gpu.device=mps but MPS is not available here; use gpu.device=auto or gpu.device=cpu")
+    kind = want if want != "auto" else ("cuda" if cuda else "mps" if mps else "cpu")
+    if kind == "cuda":
+        count = torch.cuda.device_count()
+        bad = [i for i in ids if i < 0 or i >= count]
+        if bad:
+            raise ConfigError(f"gpu.use id {bad[0]} is out of range: this machine has {count} CUDA device(s) (ids 0..{count - 1})")
+
+    torchrun = launched_by_torchrun()
+    if strategy == "ddp" and not torchrun:
+        raise ConfigError("distributed.strategy=ddp needs torchrun: ./torchrun.sh NPROC train.py CONFIG ...")
+    if strategy == "dp" and torchrun:
+        raise ConfigError("distributed.strategy=dp is for a single process; under torchrun use ddp or fsdp")
+
+    if torchrun:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if strategy in ("auto", "none", "dp"):
+            strategy = "ddp"
+    else:
+        rank, world, local_rank, local_world = 0, 1, 0, 1
+        if strategy == "auto":
+            strategy = "dp" if kind == "cuda" and len(ids) > 1 else "none"
+        if strategy == "dp" and kind != "cuda":
+            log.warning("DataParallel needs CUDA; training on %s in one process", kind)
+            strategy = "none"
+
+    if kind == "cuda":
+        if torchrun:
+            index = ids[local_rank] if len(ids) >= local_world else local_rank
+            if index >= torch.cuda.device_count():
+                raise ConfigError(
+                    f"local rank {local_rank} has no GPU: gpu.use={cfg.gpu.use} and {torch.cuda.device_count()} device(s)"
+                )
+        else:
+            index = ids[0] if ids else 0
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
+    else:
+        device = torch.device(kind)
+
+    ctx = DistContext(strategy, device, rank, world, local_rank, local_world, ids if strategy == "dp" else [])
+    if strategy in ("ddp", "fsdp"):
+        backend = str(cfg.distributed.backend).lower()
+        if backend == "auto":
+            backend = "nccl" if kind == "cuda" else "gloo"
+        if not torchrun:  # FSDP in one process: a group of one, so checkpoints keep the sharded format
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+        if not dist.is_initialized():
+            dist.init_process_group(
+                backend=backend,
+                timeout=datetime.timedelta(minutes=int(cfg.distributed.timeout_minutes)),
+                device_id=device if kind == "cuda" else None,
+            )
+    return ctx
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s value of a small picklable object, on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any: how ranks agree to stop at the same step."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

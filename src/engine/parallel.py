@@ -1,0 +1,131 @@
+"""Turn a built model into the one that trains: memory layout, activation checkpointing, compile, DP/DDP/FSDP2."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from src.config.schema import PRECISIONS
+from src.engine.distributed import DistContext
+from src.errors import ConfigError
+
+log = logging.getLogger("template")
+
+
+def prepare_model(model: nn.Module, cfg: Any, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
+    """(model to call, raw module whose state_dict is the plain checkpoint format)."""
+    model = model.to(ctx.device)
+    if cfg.model.get("channels_last", False):
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.model.get("gradient_checkpointing", False):
+        enable_activation_checkpointing(model)
+    if ctx.strategy == "ddp" and cfg.distributed.sync_batchnorm:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    raw = model
+    if ctx.strategy == "fsdp":
+        shard_fsdp2(model, cfg, ctx)
+    compiled = compile_model(model, cfg)
+    if ctx.strategy == "ddp":
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        compiled = nn.parallel.DistributedDataParallel(
+            compiled, device_ids=ids, find_unused_parameters=bool(cfg.distributed.find_unused_parameters)
+        )
+    elif ctx.strategy == "dp":
+        compiled = nn.DataParallel(compiled, device_ids=ctx.dp_ids)
+    return compiled, raw
+
+
+def compile_model(model: nn.Module, cfg: Any) -> nn.Module:
+    if not cfg.model.get("compile", False):
+        return model
+    mode = cfg.model.get("compile_mode", "default")
+    backend = cfg.model.get("compile_backend", "inductor")
+    log.info("compiling the model with torch.compile (mode=%s, backend=%s)", mode, backend)
+    return torch.compile(model, mode=None if mode == "default" else mode, backend=backend)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute activations of repeated blocks in backward, trading compute for memory.
+
+    A model may offer `gradient_checkpointing_enable()`; otherwise every block held in an
+    nn.Sequential or nn.ModuleList (ResNet stages, transformer layers) is wrapped.
+    """
+    if hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable()
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    blocks = {
+        id(child)
+        for parent in model.modules()
+        if isinstance(parent, (nn.Sequential, nn.ModuleList))
+        for child in parent.children()
+        if any(True for _ in child.parameters()) and not isinstance(child, (nn.Sequential, nn.ModuleList))
+        and len(list(child.children())) > 0
+    }
+    if not blocks:
+        raise ConfigError("model.gradient_checkpointing: found no repeated blocks to checkpoint in this model")
+    apply_activation_checkpointing(
+        model,
+        checkpoint_wrapper_fn=lambda m: checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        check_fn=lambda m: id(m) in blocks,
+    )
+
+
+def shard_fsdp2(model: nn.Module, cfg: Any, ctx: DistContext) -> None:
+    """fully_shard each block, then the root, on a 1-D or (replicate, shard) mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    dcfg = cfg.distributed
+    strategy = str(dcfg.sharding_strategy)
+    device_type = ctx.device.type
+    world = ctx.world_size
+    if strategy == "hybrid_shard":
+        shard = ctx.local_world_size if world % ctx.local_world_size == 0 else world
+        mesh = init_device_mesh(device_type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
+    elif strategy == "no_shard":
+        mesh = init_device_mesh(device_type, (world, 1), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device_type, (world,))
+    precision = dcfg.precision if dcfg.precision is not None else cfg.gpu.precision
+    if precision is None and cfg.gpu.mixed_precision:
+        precision = "bf16"
+    dtype = {"16": torch.float16, "bf16": torch.bfloat16}.get(PRECISIONS.get(str(precision).lower(), "32"))
+    kwargs: dict[str, Any] = {
+        "mesh": mesh,
+        "reshard_after_forward": strategy != "shard_grad_op",
+        "mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy(),
+    }
+    if dcfg.cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    names = set(dcfg.fsdp_modules)
+    if names:
+        blocks = [m for m in model.modules() if type(m).__name__ in names and m is not model]
+        found = {type(m).__name__ for m in blocks}
+        if names - found:
+            raise ConfigError(f"distributed.fsdp_modules: no module of class {sorted(names - found)} in the model")
+    else:
+        blocks = _large_leafmost_blocks(model, int(dcfg.fsdp_min_params))
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    log.info("FSDP2: %d block(s) sharded (%s), mesh %s", len(blocks), strategy, tuple(mesh.shape))
+
+
+def _large_leafmost_blocks(model: nn.Module, min_params: int) -> list[nn.Module]:
+    counts = {id(m): sum(p.numel() for p in m.parameters()) for m in model.modules()}
+    return [
+        m
+        for m in model.modules()
+        if m is not model
+        and counts[id(m)] >= min_params
+        and not any(counts[id(c)] >= min_params for c in m.children())
+    ]

@@ -1,0 +1,199 @@
+"""What train.py and test.py do: decide where the run lives, train it, test it, and report how it ended."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from src.config import load_config
+from src.engine import distributed as dist_utils
+from src.engine.build import import_user_modules, preflight
+from src.engine.checkpoint import load_checkpoint
+from src.engine.run_dir import config_changes, elastic_marker, new_run_dir, refuse_harmful_changes, save_config
+from src.engine.tester import run_test
+from src.engine.trackers import experiment_name, resolve_uri
+from src.engine.trainer import Trainer, find_resume_state
+from src.errors import ConfigError, RunError, TemplateError
+from src.tracking import setup_logging
+
+log = logging.getLogger("template")
+
+
+def train_main(config_path: str | Path, overrides: list[str]) -> int:
+    """Train (or resume) the run described by `config_path`; returns the process exit code."""
+    config_path = Path(config_path)
+    cfg = load_config(config_path, overrides)
+    import_user_modules(list(cfg.imports))
+    preflight(cfg)
+    ctx = dist_utils.setup(cfg)
+    setup_logging(None, ctx.rank, debug=bool(cfg.debug))
+    run_dir, resume, fresh = _plan(cfg, config_path, overrides, ctx)
+    cfg = OmegaConf.merge(cfg, {"run_dir": str(run_dir)})
+    if ctx.is_main:
+        cfg = resolve_uri(cfg)
+        save_config(cfg, run_dir)
+    setup_logging(run_dir / "train.log", ctx.rank, debug=bool(cfg.debug))
+    log.info("result directory: %s", run_dir)
+    trainer = Trainer(cfg, ctx, run_dir, resume)
+    started = time.time()
+    status = "FAILED"
+    try:
+        state = trainer.fit()
+        if not state.finished:
+            status = "KILLED"
+            return trainer.stop.exit_code
+        metrics = run_test(cfg, ctx, run_dir, checkpoint=None, trackers=trainer.trackers)
+        status = "FINISHED"
+        if ctx.is_main:
+            _write_summary(cfg, run_dir, trainer, metrics, time.time() - started)
+        return 0
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except TemplateError as err:
+        log.error("run failed: %s", err)
+        if fresh and isinstance(err, ConfigError) and trainer.state.global_step == 0 and ctx.is_main:
+            _discard(run_dir, trainer)
+        raise
+    except Exception:
+        log.exception("run failed")
+        raise
+    finally:
+        trainer.stop.uninstall()
+        if trainer.trackers is not None:
+            trainer.trackers.finish(status)
+        if status == "FAILED":
+            log.error("the run FAILED; checkpoints kept in %s", run_dir / "checkpoints")
+        dist_utils.cleanup()
+
+
+def test_main(config_path: str | Path, overrides: list[str], checkpoint: str | None) -> int:
+    """Evaluate a finished (or stopped) run on its test split, writing `test/` in its directory."""
+    config_path = Path(config_path)
+    cfg = load_config(config_path, overrides)
+    import_user_modules(list(cfg.imports))
+    preflight(cfg)
+    if not cfg.run_dir:
+        raise ConfigError(f"{config_path} is not a result directory's config.yaml; pass result/<...>/config.yaml")
+    run_dir = config_path.resolve().parent
+    ctx = dist_utils.setup(cfg)
+    setup_logging(run_dir / "train.log" if ctx.is_main else None, ctx.rank, debug=bool(cfg.debug))
+    trackers = None
+    try:
+        if ctx.is_main and cfg.logging.mlflow:
+            trackers = _reopen_mlflow(cfg, run_dir)
+        run_test(cfg, ctx, run_dir, checkpoint=Path(checkpoint) if checkpoint else None, trackers=trackers)
+        return 0
+    finally:
+        if trackers is not None:
+            trackers.finish(None)
+        dist_utils.cleanup()
+
+
+# ---------------------------------------------------------------------- where the run lives
+def _plan(cfg: DictConfig, config_path: Path, overrides: list[str], ctx: Any) -> tuple[Path, dict | None, bool]:
+    """(result directory, checkpoint state to resume from or None, whether the directory is new)."""
+    marker = elastic_marker(cfg)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if cfg.run_dir:  # python train.py result/.../config.yaml: resume in place
+        run_dir = config_path.resolve().parent
+        saved = load_config(config_path)
+        if any(o.split("=", 1)[0].strip() == "checkpoint.resume_from" for o in overrides):
+            raise ConfigError(
+                "checkpoint.resume_from and resuming a result directory in place were both given; "
+                "resume in place with `python train.py <run>/config.yaml`, or warm-start a new run from your "
+                "experiment config with checkpoint.resume_from=<file>"
+            )
+        changes = config_changes(saved, cfg)
+        harmful = refuse_harmful_changes(changes, bool(cfg.checkpoint.allow_config_change))
+        for key, old, new in changes:
+            log.info("resume: %s changed %r -> %r%s", key, old, new, " (allowed explicitly)" if (key, old, new) in harmful else "")
+        state = find_resume_state(run_dir)
+        if state is None and cfg.checkpoint.resume_from:
+            state = _warm_state(cfg)
+        elif state is None:
+            log.warning("no valid checkpoint in %s: training starts from the beginning", run_dir / "checkpoints")
+        _check_world_size(state, ctx, cfg)
+        return run_dir, state, False
+    if restarted and marker is not None and marker.is_file():  # torchrun restarted a failed worker group
+        run_dir = Path(marker.read_text().strip())
+        log.warning("torchrun restart %s: resuming %s", os.environ.get("TORCHELASTIC_RESTART_COUNT"), run_dir)
+        return run_dir, find_resume_state(run_dir), False
+    run_dir = new_run_dir(cfg) if ctx.is_main else None
+    run_dir = Path(dist_utils.broadcast_object(str(run_dir) if run_dir else None))
+    if ctx.is_main and marker is not None:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(run_dir))
+    return run_dir, _warm_state(cfg) if cfg.checkpoint.resume_from else None, True
+
+
+def _warm_state(cfg: DictConfig) -> dict[str, Any]:
+    """checkpoint.resume_from: the whole training state of another run, in this new directory."""
+    state = load_checkpoint(cfg.checkpoint.resume_from)
+    state.pop("tracking", None)
+    if cfg.checkpoint.weights_only_resume:
+        return {"model": state["model"], "weights_only": True}
+    if "progress" not in state:
+        raise RunError(f"{cfg.checkpoint.resume_from} holds weights only; use model.pretrained_weight=<file> for it")
+    return state
+
+
+def _check_world_size(state: dict | None, ctx: Any, cfg: DictConfig) -> None:
+    if state is None or "world_size" not in state or state["world_size"] == ctx.world_size:
+        return
+    if cfg.checkpoint.allow_config_change:
+        log.warning("resuming a %d-process run with %d processes: the global batch changes", state["world_size"], ctx.world_size)
+        return
+    raise ConfigError(
+        f"this run was trained with {state['world_size']} process(es) and is resumed with {ctx.world_size}: the global "
+        "batch and data order would change; use the same number, or add checkpoint.allow_config_change=true"
+    )
+
+
+def _discard(run_dir: Path, trainer: Trainer) -> None:
+    """A configuration error before the first step leaves nothing behind."""
+    if trainer.trackers is not None:
+        trainer.trackers.finish("FAILED")
+        trainer.trackers = None
+    logging.getLogger("template").handlers.clear()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    parent = run_dir.parent
+    if parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
+
+
+# ---------------------------------------------------------------------- tracking and summary
+def _reopen_mlflow(cfg: DictConfig, run_dir: Path) -> Any:
+    state = find_resume_state(run_dir)
+    run_id = ((state or {}).get("tracking") or {}).get("MlflowTracker", {}).get("run_id")
+    if not run_id:
+        return None
+    from src.tracking import MlflowTracker
+
+    return MlflowTracker(cfg.logging.mlflow_tracking_uri, experiment_name(cfg), run_dir.name, tags={}, run_id=run_id)
+
+
+def _write_summary(cfg: DictConfig, run_dir: Path, trainer: Trainer, test: dict[str, float], seconds: float) -> None:
+    st = trainer.state
+    monitor = cfg.checkpoint.monitor
+    best = f"{monitor} = {st.best_value:.6g} at epoch {st.best_epoch}" if st.best_value is not None else "not validated"
+    lines = [
+        f"run:        {run_dir}",
+        f"epochs:     {st.epoch} ({st.global_step} optimizer steps)",
+        f"best:       {best}",
+        f"wall time:  {seconds / 60:.1f} min",
+        "test:       " + ", ".join(f"{k}={v:.4f}" for k, v in test.items()),
+        f"resume:     python train.py {run_dir}/config.yaml epoch=<more>",
+        f"test again: python test.py {run_dir}/config.yaml",
+    ]
+    (run_dir / "summary.txt").write_text("\n".join(lines) + "\n")
+    for line in lines:
+        log.info(line)
+    _ = json

@@ -1,0 +1,97 @@
+"""Where a run lives: a new timestamped result directory, or the one being resumed in place."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from src.errors import ConfigError
+
+# Settings that may change when a run is resumed: they do not alter what the run computes.
+HARMLESS_ON_RESUME = (
+    "epoch", "debug", "logging.", "dataloader.", "evaluation.", "profiling.", "checkpoint.save_",
+    "checkpoint.allow_config_change", "checkpoint.monitor", "checkpoint.mode", "training.early_stopping.",
+    "training.stop_signals", "training.nan_policy", "distributed.timeout_minutes", "distributed.backend",
+    "gpu.use", "gpu.device", "run_dir",
+)  # fmt: skip
+
+
+def new_run_dir(cfg: DictConfig) -> Path:
+    """result/<dataset>/<YYYYMMDD_HHMMSS>_<model>[_<tag>]/, made unique if two runs start in one second."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    name = f"{stamp}_{_slug(cfg.model.name)}" + (f"_{_slug(cfg.tag)}" if cfg.tag else "")
+    parent = Path(cfg.output) / _slug(cfg.dataset.name)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"output '{cfg.output}' is not writable ({err.strerror}); set output=<a writable folder>") from None
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"output '{cfg.output}' is not writable; set output=<a writable folder>")
+    for i in range(1000):
+        path = parent / (name if i == 0 else f"{name}_{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError(f"could not create a result directory under {parent}")
+
+
+def _slug(text: Any) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text)) or "run"
+
+
+def save_config(cfg: DictConfig, run_dir: Path) -> Path:
+    """The complete config, with `run_dir` set so that running the file resumes this run."""
+    cfg = OmegaConf.merge(cfg, {"run_dir": str(run_dir)})
+    header = (
+        "# Complete configuration of this run; every default is written out.\n"
+        f"# Resume or extend it:  python train.py {run_dir}/config.yaml [epoch=N]\n"
+        f"# Evaluate it:          python test.py {run_dir}/config.yaml\n"
+    )
+    path = run_dir / "config.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(header + OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, path)
+    return path
+
+
+def config_changes(saved: DictConfig, current: DictConfig) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for every leaf that differs."""
+    a = _flatten(OmegaConf.to_container(saved, resolve=True))
+    b = _flatten(OmegaConf.to_container(current, resolve=True))
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def refuse_harmful_changes(changes: list[tuple[str, Any, Any]], allowed: bool) -> list[tuple[str, Any, Any]]:
+    """Changes that would silently alter a resumed run are an error unless explicitly allowed."""
+    harmful = [c for c in changes if not c[0].startswith(HARMLESS_ON_RESUME)]
+    if harmful and not allowed:
+        key, old, new = harmful[0]
+        more = f" (and {len(harmful) - 1} more: {', '.join(c[0] for c in harmful[1:4])})" if len(harmful) > 1 else ""
+        raise ConfigError(
+            f"resuming with '{key}' changed from {old!r} to {new!r}{more} would silently change the run; "
+            "drop the override, or add checkpoint.allow_config_change=true to accept it"
+        )
+    return harmful
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: node}
+
+
+def elastic_marker(cfg: DictConfig) -> Path | None:
+    """Under torchrun, a file naming this job's result directory, so a restarted worker finds it."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if not run_id or run_id == "none":
+        return None
+    return Path(cfg.output) / ".elastic" / f"{_slug(run_id)}.txt"

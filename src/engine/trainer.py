@@ -1,0 +1,587 @@
+"""The training loop. Read `Trainer.fit` top to bottom: set-up, resume, epochs of steps, validation, saving.
+
+Per step: batch to device, autocast forward, loss scaled by the window's share of samples, backward
+(gradient sync only on the window's last micro-batch), unscale + clip, optimizer and scheduler step.
+The loss stays on the device; it is read every `logging.log_frequency` steps, the only host syncs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from src.engine import distributed as dist_utils
+from src.engine.build import (
+    build_evaluator,
+    build_loss,
+    build_model,
+    build_split,
+    build_transforms,
+    check_output_size,
+    num_classes_of,
+)
+from src.engine.checkpoint import atomic_save, capture_rng, describe_mismatch, load_checkpoint, newest_valid_checkpoint, restore_rng
+from src.engine.distributed import DistContext
+from src.engine.evaluate import batch_size, evaluate, split_batch, to_device, total_loss
+from src.engine.parallel import prepare_model
+from src.engine.precision import configure_backends, resolve_precision
+from src.engine.run_dir import save_config
+from src.engine.signals import StopRequest
+from src.errors import ConfigError, RunError
+from src.optim import build_optimizer, build_scheduler, set_optimizer_mode
+
+log = logging.getLogger("template")
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint so a resume continues from exactly here."""
+
+    epoch: int = 0  # the epoch in progress, counted from 0
+    batches_done: int = 0  # batches of that epoch already trained (always a whole accumulation window)
+    global_step: int = 0  # optimizer steps so far
+    epoch_loss_sum: float = 0.0  # this epoch's summed train loss over the batches done
+    epoch_samples: int = 0
+    best_value: float | None = None
+    best_epoch: int = 0
+    top_k: list[list[Any]] = field(default_factory=list)  # [value, file name], best first
+    stale_epochs: int = 0  # early stopping: validations without improvement
+    stale_best: float | None = None
+    finished: bool = False
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, ctx: DistContext, run_dir: Path, resume: dict[str, Any] | None) -> None:
+        self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.resume_state = resume
+        self.state = TrainState()
+        self.stop = StopRequest()
+        self.trackers: Any = None
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> TrainState:
+        cfg, ctx = self.cfg, self.ctx
+        debug = bool(cfg.debug)
+        epochs = 2 if debug else int(cfg.epoch)
+        accumulate = int(cfg.training.accumulate_grad_batches)
+        clip = float(cfg.training.gradient_clip_norm)
+        log_every = int(cfg.logging.log_frequency)
+        channels_last = bool(cfg.model.get("channels_last", False))
+
+        # --- data, model, loss, optimizer, schedule (same seed on every rank: identical initial weights)
+        seed_everything(int(cfg.seed))
+        configure_backends(cfg.gpu)
+        precision = resolve_precision(cfg.gpu, ctx.device)
+        transforms = build_transforms(cfg)
+        train = build_split(cfg, "train", ctx, shuffle=True, transforms=transforms)
+        val = build_split(cfg, "val", ctx, shuffle=False, transforms=transforms) if cfg.evaluation.frequency else None
+        num_classes = num_classes_of(cfg, train.dataset)
+        model = build_model(cfg, num_classes)
+        model.to(ctx.device)
+        check_output_size(cfg, model, train.dataset, num_classes, ctx.device)
+        self._warm_start(model)
+        model, raw = prepare_model(model, cfg, ctx)
+        self.model, self.raw = model, raw
+        loss_fn = build_loss(cfg)
+        evaluator = build_evaluator(cfg, num_classes)
+        optimizer = build_optimizer(cfg.optimizer, raw)
+        batches_per_epoch = 1 if debug else len(train.loader)
+        steps_per_epoch = math.ceil(batches_per_epoch / accumulate)
+        schedule = build_scheduler(cfg.lr_scheduler, optimizer, steps_per_epoch=steps_per_epoch, epochs=epochs)
+        scaler = precision.grad_scaler()
+        ema = self._build_ema(raw)
+        self.optimizer, self.schedule, self.scaler, self.ema = optimizer, schedule, scaler, ema
+        params = [p for p in raw.parameters() if p.requires_grad]
+
+        # --- resume: weights, optimizer, schedule, scaler, EMA, position, RNG of every rank
+        if self.resume_state is not None:
+            self._load_state(self.resume_state)
+        seed_per_rank(int(cfg.seed), ctx.rank, resumed=self.resume_state is not None)
+        self.trackers = self._start_trackers()
+        self.stop.install(cfg.training.stop_signals)
+        global_batch = int(cfg.batch) * ctx.world_size * accumulate
+        log.info(
+            "training %s on %s: %d process(es), %s precision, batch %d per process, %d global (x%d accumulation), "
+            "%d steps/epoch, %d epochs",
+            cfg.model.name, ctx.device, ctx.world_size, precision.name, cfg.batch, global_batch, accumulate,
+            steps_per_epoch, epochs,
+        )  # fmt: skip
+        profiler = self._start_profiler()
+        st = self.state
+
+        for epoch in range(st.epoch, epochs):
+            st.epoch = epoch
+            train.sampler.set_epoch(epoch)
+            train.sampler.set_start(st.batches_done * int(cfg.batch) * ctx.world_size)
+            if train.generator is not None:
+                train.generator.manual_seed(int(cfg.seed) + epoch)
+            model.train()
+            set_optimizer_mode(optimizer, True)
+            sizes = rank_batch_sizes(len(train.sampler) + st.batches_done * int(cfg.batch), int(cfg.batch), cfg.dataloader.drop_last)
+            n_batches = 1 if debug else len(sizes)
+            window_loss = torch.zeros((), device=ctx.device, dtype=torch.float64)
+            window_samples, window_steps, window_start = 0, 0, time.perf_counter()
+            data_wait = 0.0
+            grad_norm: torch.Tensor | None = None
+            bar = self._progress(n_batches - st.batches_done, f"epoch {epoch + 1}/{epochs}")
+            batches = iter(train.loader)
+            i = st.batches_done
+            while i < n_batches:
+                t0 = time.perf_counter()
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                data_wait += time.perf_counter() - t0
+                inputs, targets = split_batch(batch)
+                inputs = to_device(inputs, ctx.device, channels_last)
+                targets = to_device(targets, ctx.device)
+                n = batch_size(targets)
+                first = (i // accumulate) * accumulate
+                last = min(first + accumulate, n_batches)
+                window_total = sum(sizes[first:last])
+                sync = i + 1 == last
+                with self._grad_sync(sync), precision.autocast():
+                    outputs = model(inputs)
+                    loss = total_loss(loss_fn(outputs, targets))
+                # Normalise by the samples in the whole window, so a short last window counts right.
+                scaler.scale(loss * (n / window_total)).backward()
+                window_loss += loss.detach().double() * n
+                window_samples += n
+                i += 1
+                bar.update(1)
+                if not sync:
+                    continue
+
+                # --- optimizer step (end of an accumulation window)
+                if cfg.training.nan_policy == "skip" and not torch.isfinite(loss.detach()):
+                    log.warning("non-finite loss at epoch %d step %d: step skipped", epoch + 1, st.global_step)
+                    optimizer.zero_grad(set_to_none=True)
+                    window_loss.zero_()
+                    window_samples = 0
+                    st.batches_done = i
+                    continue
+                if clip > 0:
+                    scaler.unscale_(optimizer)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update_parameters(raw)
+                if schedule is not None and schedule.interval == "step":
+                    schedule.step()
+                st.global_step += 1
+                st.batches_done = i
+                window_steps += 1
+                if profiler is not None:
+                    profiler.step()
+
+                # --- log (the only host-device sync of a training step), agree on stopping
+                if st.global_step % log_every == 0:
+                    metrics = self._window_metrics(window_loss, window_samples, window_steps, window_start, data_wait, grad_norm)
+                    self._log(metrics, bar)
+                    window_loss = torch.zeros_like(window_loss)
+                    window_samples, window_steps, window_start, data_wait = 0, 0, time.perf_counter(), 0.0
+                    stop = dist_utils.any_rank(self.stop.requested, ctx.device)
+                elif ctx.distributed:
+                    stop = False  # ranks agree at log steps only, so no collective on other steps
+                else:
+                    stop = self.stop.requested
+                if stop:
+                    self._save(extra_names=[], reason=f"{self.stop.signal_name or 'stop request'}")
+                    bar.close()
+                    return self._preempted()
+                every = int(cfg.checkpoint.save_every_n_steps)
+                if every and st.global_step % every == 0 and i < n_batches:
+                    self._save(extra_names=[], reason=f"step {st.global_step}")
+            bar.close()
+            if window_samples:  # the epoch's last, partial logging window
+                metrics = self._window_metrics(window_loss, window_samples, window_steps, window_start, data_wait, grad_norm)
+            else:
+                metrics = {}
+
+            # --- validation, schedule, best model, early stopping, checkpoints
+            metrics.update(self._epoch_train_loss())
+            freq = int(cfg.evaluation.frequency)
+            if val is not None and freq and ((epoch + 1) % freq == 0 or epoch + 1 == epochs):
+                set_optimizer_mode(optimizer, False)
+                eval_model = ema.module if ema is not None else model
+                metrics.update(
+                    evaluate(eval_model, val.loader, val.sampler.num_valid, loss_fn, evaluator, precision, ctx.device,
+                             "val", channels_last, max_batches=1 if debug else None)
+                )  # fmt: skip
+                set_optimizer_mode(optimizer, True)
+            if schedule is not None and schedule.interval == "epoch":
+                schedule.step(metrics.get(str(cfg.checkpoint.monitor)) if schedule.needs_metric else None)
+            self._log(metrics, None)
+            st.epoch, st.batches_done = epoch + 1, 0
+            st.epoch_loss_sum, st.epoch_samples = 0.0, 0
+            names = self._checkpoint_names(epoch, metrics)
+            stop_early = self._early_stopping(metrics)
+            self._save(extra_names=names, reason=f"epoch {epoch + 1}")
+            if stop_early:
+                log.info("early stopping: %s did not improve for %d validation(s)", cfg.training.early_stopping.monitor, st.stale_epochs)
+                break
+            if dist_utils.any_rank(self.stop.requested, ctx.device):
+                return self._preempted()
+        if profiler is not None:
+            profiler.stop()
+        st.finished = True
+        return st
+
+    # ------------------------------------------------------------------ steps in detail
+    def _grad_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Skip the gradient all-reduce on micro-batches that are not the last of their window."""
+        if sync:
+            if hasattr(self.model, "set_requires_gradient_sync"):
+                self.model.set_requires_gradient_sync(True)
+            return contextlib.nullcontext()
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return self.model.no_sync()
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+
+    def _window_metrics(
+        self, loss_sum: torch.Tensor, samples: int, steps: int, start: float, data_wait: float, grad_norm: Any
+    ) -> dict[str, float]:
+        totals = torch.stack([loss_sum, torch.tensor(float(samples), device=loss_sum.device, dtype=torch.float64)])
+        if self.ctx.distributed:
+            totals = totals.to(self.ctx.device if self.ctx.device.type == "cuda" else "cpu")
+            dist_utils.all_reduce_sum(totals)
+        loss_total, sample_total = totals.tolist()
+        self.state.epoch_loss_sum += loss_total
+        self.state.epoch_samples += int(sample_total)
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        loss = loss_total / max(sample_total, 1)
+        if not math.isfinite(loss):
+            raise RunError(
+                f"the training loss became {loss} at epoch {self.state.epoch + 1}, step {self.state.global_step}; "
+                f"the last good checkpoint is kept in {self.ckpt_dir}; lower optimizer.lr, set "
+                "training.gradient_clip_norm, or training.nan_policy=skip"
+            )
+        metrics = {
+            "train_loss": loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "samples_per_sec": sample_total / elapsed,
+            "step_time": elapsed / max(steps, 1),
+            "data_wait_share": min(1.0, data_wait / elapsed),
+        }
+        if grad_norm is not None:
+            norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            metrics["grad_norm"] = float(norm)
+        if self.ctx.device.type == "cuda":
+            metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
+        return metrics
+
+    def _epoch_train_loss(self) -> dict[str, float]:
+        st = self.state
+        return {"train_epoch_loss": st.epoch_loss_sum / st.epoch_samples} if st.epoch_samples else {}
+
+    def _log(self, metrics: dict[str, float], bar: Any) -> None:
+        if not metrics:
+            return
+        st = self.state
+        if bar is not None and "train_loss" in metrics:
+            bar.update(0, loss=metrics["train_loss"], lr=metrics["lr"])
+        if self.trackers is not None:
+            self.trackers.log_metrics(metrics, step=st.global_step, epoch=st.epoch + 1)
+        if self.ctx.is_main:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+            log.info("epoch %d step %d: %s", st.epoch + 1, st.global_step, shown)
+
+    def _progress(self, total: int, desc: str) -> Any:
+        from src.tracking import Progress
+
+        # A bar on a terminal only: piped output and train.log get the plain log lines instead.
+        enabled = self.ctx.is_main and bool(self.cfg.logging.progress_bar) and sys.stderr.isatty()
+        return Progress(total=total, desc=desc, enabled=enabled, every=max(1, int(self.cfg.logging.log_frequency)))
+
+    def _build_ema(self, raw: nn.Module) -> Any:
+        decay = float(self.cfg.model.get("ema", 0.0) or 0.0)
+        if decay <= 0:
+            return None
+        if self.ctx.strategy == "fsdp":
+            raise ConfigError("model.ema is not supported with distributed.strategy=fsdp; set model.ema=0")
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        return AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    def _start_profiler(self) -> Any:
+        p = self.cfg.profiling
+        if not p.enabled or not self.ctx.is_main:
+            return None
+        from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.ctx.device.type == "cuda" else [])
+        prof = profile(
+            activities=activities,
+            schedule=schedule(wait=int(p.wait), warmup=int(p.warmup), active=int(p.active), repeat=1),
+            on_trace_ready=tensorboard_trace_handler(str(self.run_dir / "profile")),
+            profile_memory=bool(p.profile_memory),
+            record_shapes=bool(p.record_shapes),
+            with_stack=bool(p.with_stack),
+        )
+        prof.start()
+        log.info("profiling steps %d..%d into %s", p.wait + p.warmup, p.wait + p.warmup + p.active, self.run_dir / "profile")
+        return prof
+
+    # ------------------------------------------------------------------ best model and early stopping
+    def _improved(self, value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+        if best is None:
+            return True
+        return value < best - min_delta if mode == "min" else value > best + min_delta
+
+    def _checkpoint_names(self, epoch: int, metrics: dict[str, float]) -> list[str]:
+        """Extra names this epoch's checkpoint gets: best.pth, a top-k file, a periodic epoch file."""
+        cfg, st = self.cfg.checkpoint, self.state
+        names: list[str] = []
+        freq = int(cfg.save_frequency)
+        if freq and (epoch + 1) % freq == 0:
+            names.append(f"epoch_{epoch + 1:04d}.pth")
+        value = metrics.get(str(cfg.monitor))
+        if value is None:
+            if not self.state.best_epoch and cfg.save_best and int(self.cfg.evaluation.frequency) == 0:
+                names.append("best.pth")  # never validated: the latest weights are the best we know
+            return names
+        if self._improved(value, st.best_value, cfg.mode):
+            st.best_value, st.best_epoch = value, epoch + 1
+            if cfg.save_best:
+                names.append("best.pth")
+        k = int(cfg.save_top_k)
+        if k > 1:
+            name = f"top_epoch_{epoch + 1:04d}.pth"
+            ranked = sorted([*st.top_k, [value, name]], key=lambda t: t[0], reverse=cfg.mode == "max")
+            st.top_k = ranked[:k]
+            if [value, name] in st.top_k:
+                names.append(name)
+        return names
+
+    def _early_stopping(self, metrics: dict[str, float]) -> bool:
+        es, st = self.cfg.training.early_stopping, self.state
+        value = metrics.get(str(es.monitor))
+        if not es.patience or value is None:
+            return False
+        if self._improved(value, st.stale_best, es.mode, float(es.min_delta)):
+            st.stale_best, st.stale_epochs = value, 0
+            return False
+        st.stale_epochs += 1
+        return st.stale_epochs >= int(es.patience)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, extra_names: list[str], reason: str) -> None:
+        """Write last.pth (+ extra names) on rank 0; under FSDP also the sharded DCP folder."""
+        cfg, ctx, st = self.cfg, self.ctx, self.state
+        set_optimizer_mode(self.optimizer, False)  # schedule-free: save the evaluation weights
+        rng = dist_utils.all_gather_object(capture_rng())
+        state: dict[str, Any] = {
+            "format": 1,
+            "model": self._model_state_dict(),
+            "scheduler": self.schedule.state_dict() if self.schedule is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "progress": asdict(st),
+            "rng": rng,
+            "world_size": ctx.world_size,
+            "batch": int(cfg.batch),
+        }
+        if ctx.strategy == "fsdp":
+            state["dcp"] = self._save_sharded()
+        else:
+            state["optimizer"] = self.optimizer.state_dict()
+        if self.trackers is not None:
+            state["tracking"] = self.trackers.state()
+        if ctx.is_main:
+            names = set(extra_names)
+            if cfg.checkpoint.save_last or not names:
+                last = self.ckpt_dir / "last.pth"
+                if last.exists():
+                    os.replace(last, self.ckpt_dir / "previous.pth")
+                names.add("last.pth")
+            atomic_save(state, [self.ckpt_dir / n for n in sorted(names)])
+            self._prune()
+            if self.trackers is not None:
+                self.trackers.commit()
+            log.info("checkpoint saved (%s): %s", reason, ", ".join(sorted(names)))
+        dist_utils.barrier()
+        set_optimizer_mode(self.optimizer, True)
+
+    def _model_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.ctx.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.detach().cpu() for k, v in self.raw.state_dict().items()}
+
+    def _save_sharded(self) -> str:
+        """Model and optimizer shards through torch.distributed.checkpoint, loadable at any world size."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        name = f"dcp_step_{self.state.global_step:08d}"
+        final = self.ckpt_dir / name
+        tmp = self.ckpt_dir / f".{name}.tmp"
+        if self.ctx.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                import shutil
+
+                shutil.rmtree(tmp)
+        dist_utils.barrier()
+        msd, osd = get_state_dict(self.raw, self.optimizer)
+        dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp))
+        dist_utils.barrier()
+        if self.ctx.is_main:
+            if final.exists():
+                import shutil
+
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        dist_utils.barrier()
+        return name
+
+    def _prune(self) -> None:
+        """Drop top-k files that fell out of the list and DCP folders no checkpoint points to."""
+        keep = {name for _, name in self.state.top_k}
+        for path in self.ckpt_dir.glob("top_epoch_*.pth"):
+            if path.name not in keep:
+                path.unlink()
+        folders = list(self.ckpt_dir.glob("dcp_step_*"))
+        if folders:
+            import shutil
+
+            used = set()
+            for pth in self.ckpt_dir.glob("*.pth"):
+                try:
+                    used.add(torch.load(pth, map_location="cpu", weights_only=True, mmap=True).get("dcp"))
+                except Exception:
+                    continue
+            for folder in folders:
+                if folder.name not in used:
+                    shutil.rmtree(folder, ignore_errors=True)
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        ctx = self.ctx
+        if ctx.strategy == "fsdp" and state.get("dcp"):
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+            msd, osd = get_state_dict(self.raw, self.optimizer)
+            sd = {"model": msd, "optimizer": osd}
+            dcp.load(sd, checkpoint_id=str(self.ckpt_dir / state["dcp"]))
+            set_state_dict(self.raw, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+        else:
+            if ctx.strategy == "fsdp":
+                raise RunError("this checkpoint has no sharded (DCP) state; resume it without distributed.strategy=fsdp")
+            self._load_model_weights(state["model"], strict=True)
+            if "optimizer" not in state:
+                raise RunError("this checkpoint was written by an FSDP run; resume it with distributed.strategy=fsdp")
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.schedule is not None and state.get("scheduler") is not None:
+            self.schedule.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.state = TrainState(**state["progress"])
+        rng = state.get("rng") or []
+        if ctx.rank < len(rng):
+            restore_rng(rng[ctx.rank])
+        self.tracking_state = state.get("tracking")
+        set_optimizer_mode(self.optimizer, True)
+        log.info("resumed at epoch %d, step %d", self.state.epoch + 1, self.state.global_step)
+
+    def _load_model_weights(self, weights: dict[str, torch.Tensor], strict: bool) -> None:
+        mismatch = describe_mismatch(self.raw, weights)
+        if mismatch and strict:
+            raise RunError(f"the checkpoint does not fit model '{self.cfg.model.name}': {mismatch}")
+        result = self.raw.load_state_dict(weights, strict=False)
+        if mismatch:
+            log.warning("loaded weights with differences: %s (missing=%d, unexpected=%d)", mismatch,
+                        len(result.missing_keys), len(result.unexpected_keys))  # fmt: skip
+
+    def _warm_start(self, model: nn.Module) -> None:
+        """model.pretrained_weight: load only weights (a checkpoint or a plain state dict) before wrapping."""
+        path = self.cfg.model.get("pretrained_weight")
+        if not path:
+            return
+        state = load_checkpoint_or_weights(path)
+        weights = state.get("model", state)
+        own = model.state_dict()
+        fitting = {k: v for k, v in weights.items() if k in own and getattr(v, "shape", None) == own[k].shape}
+        mismatch = describe_mismatch(model, weights)
+        model.load_state_dict(fitting, strict=False)
+        log.info("loaded %d/%d tensors from %s%s", len(fitting), len(own), path, f" ({mismatch})" if mismatch else "")
+
+    def _preempted(self) -> TrainState:
+        self.state.finished = False
+        log.warning("stopped by %s after step %d; resume with: python train.py %s",
+                    self.stop.signal_name, self.state.global_step, self.run_dir / "config.yaml")  # fmt: skip
+        return self.state
+
+    # ------------------------------------------------------------------ tracking
+    def _start_trackers(self) -> Any:
+        if not self.ctx.is_main:
+            return None
+        from src.engine.trackers import start_trackers
+
+        trackers = start_trackers(self.cfg, self.run_dir, getattr(self, "tracking_state", None), self.state.global_step)
+        return trackers
+
+
+def load_checkpoint_or_weights(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"weights file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise RunError(f"{path} is corrupt or not a weights file ({type(err).__name__})") from None
+
+
+def rank_batch_sizes(samples: int, batch: int, drop_last: bool) -> list[int]:
+    """Sizes of the batches one rank sees in a whole epoch."""
+    full, rest = divmod(samples, batch)
+    return [batch] * full + ([rest] if rest and not drop_last else [])
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seed_per_rank(seed: int, rank: int, resumed: bool) -> None:
+    """After the identical model init, give each rank its own stream (dropout, augmentation)."""
+    if not resumed and rank:
+        seed_everything(seed + rank)
+
+
+def find_resume_state(run_dir: Path) -> dict[str, Any] | None:
+    found = newest_valid_checkpoint(run_dir / "checkpoints")
+    if found is None:
+        return None
+    path, state = found
+    if path.name != "last.pth":
+        log.warning("resuming from %s (last.pth is missing or damaged)", path.name)
+    return state
+
+
+__all__ = ["TrainState", "Trainer", "find_resume_state", "load_checkpoint", "save_config"]
+_ = OmegaConf

@@ -1,0 +1,44 @@
+"""The two kinds of error a user can meet, and the exit codes they map to.
+
+`ConfigError` is a mistake in what the user asked for (exit 2, nothing written); `RunError` is a
+failure while running (exit 1). Both carry a one-line message that names the culprit and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class TemplateError(Exception):
+    exit_code = 1
+
+
+class ConfigError(TemplateError):
+    """Bad configuration, bad command line or bad component arguments: exit code 2."""
+
+    exit_code = 2
+
+
+class RunError(TemplateError):
+    """A failure while running (data missing, NaN loss, corrupt checkpoint): exit code 1."""
+
+    exit_code = 1
+
+
+def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:
+    """The valid names nearest to a mistyped one, best first."""
+    choices = list(choices)
+    found = difflib.get_close_matches(word, choices, n=n, cutoff=0.5)
+    if not found:
+        lowered = {c.lower(): c for c in choices}
+        found = [lowered[m] for m in difflib.get_close_matches(word.lower(), lowered, n=n, cutoff=0.5)]
+    return found
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' or '' when nothing is close."""
+    found = closest(word, choices)
+    if not found:
+        return ""
+    return " (did you mean " + " or ".join(repr(f) for f in found) + "?)"

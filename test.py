@@ -1,0 +1,20 @@
+"""Evaluate a run on its test split: python test.py result/<...>/config.yaml [key=value ...]"""
+
+import sys
+
+from src.engine.cli import parse, run_cli
+
+
+def main() -> int:
+    args = parse(sys.argv[1:], "test.py", __doc__, with_checkpoint=True)
+
+    def go() -> int:
+        from src.engine.run import test_main
+
+        return test_main(args.config, args.overrides, args.checkpoint)
+
+    return run_cli(go, args.traceback)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,384 @@
+"""Tracking backends against the real tools: a sqlite MLflow store, TensorBoard event files, a pty."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+import select
+import struct
+import subprocess
+import sys
+import termios
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from src.tracking import (
+    MetricsFile,
+    MlflowTracker,
+    MultiTracker,
+    TensorBoardTracker,
+    Tracker,
+    resolve_tracking_uri,
+    setup_logging,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- MLflow ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One sqlite store for the module: creating its tables takes seconds, runs are cheap."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def _client(store: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(store)
+
+
+def _steps(store: str, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in _client(store).get_metric_history(run_id, key))
+
+
+def _log_steps(tracker: Tracker, steps: range, offset: float = 0.0) -> None:
+    for step in steps:
+        tracker.log_metrics({"train_loss": 1.0 / (step + 1) + offset}, step=step, epoch=step // 3)
+
+
+def test_mlflow_run_holds_params_metrics_artifact_figure(store: str, tmp_path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    tracker = MlflowTracker(store, "round_trip", "run_a", tags={"model": "TinyNet"})
+    params = {f"group.key{i}": i for i in range(150)}  # more than one batch of 100
+    params["model.long"] = "x" * 7000  # over MLflow's value limit
+    tracker.log_params(params)
+    for chunk in (range(0, 4), range(4, 8), range(8, 12)):
+        _log_steps(tracker, chunk)
+        tracker.state()
+        tracker.commit()
+    (tmp_path / "config.yaml").write_text("model: TinyNet\n")
+    tracker.log_artifact(tmp_path / "config.yaml")
+    figure = Figure()
+    figure.add_subplot().plot([0, 1], [1, 0])
+    tracker.log_figure("confusion_matrix", figure, step=11)
+    tracker.finish("FINISHED")
+
+    client = _client(store)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "run_a"
+    assert run.data.tags["model"] == "TinyNet"
+    assert client.get_experiment(run.info.experiment_id).name == "round_trip"
+    assert _steps(store, tracker.run_id, "train_loss") == list(range(12))
+    assert run.data.params["group.key149"] == "149"
+    assert len(run.data.params) == 151
+    assert run.data.params["model.long"] == "x" * 6000
+    assert "config.yaml" in [a.path for a in client.list_artifacts(tracker.run_id)]
+    figures = [a.path for a in client.list_artifacts(tracker.run_id, "figures")]
+    assert figures == ["figures/confusion_matrix_step11.png"]
+    # artifacts of a sqlite store sit beside the database, not in the working directory
+    db_folder = Path(store.removeprefix("sqlite:///")).parent
+    assert run.info.artifact_uri.startswith((db_folder / "mlartifacts").as_uri())
+
+
+def test_mlflow_reopened_run_after_crash_has_each_step_once(store: str) -> None:
+    first = MlflowTracker(store, "resume", "run_b", tags={})
+    _log_steps(first, range(0, 5))
+    state = first.state()
+    first.commit()
+    assert first.flush(timeout=60)
+    _log_steps(first, range(5, 8), offset=100.0)  # logged after the checkpoint: lost with the crash
+    del first  # abandoned without finish, like a killed process
+
+    second = MlflowTracker(store, "resume", "run_b", tags={}, run_id=state["run_id"])
+    assert second.run_id == state["run_id"]
+    assert _client(store).get_run(state["run_id"]).info.status == "RUNNING"
+    second.resume(state)
+    _log_steps(second, range(5, 10))
+    second.state()
+    second.commit()
+    second.finish("FINISHED")
+
+    client = _client(store)
+    history = client.get_metric_history(state["run_id"], "train_loss")
+    assert sorted(m.step for m in history) == list(range(10))
+    assert all(m.value < 100 for m in history)  # nothing from after the checkpoint of the crashed run
+    experiment = client.get_experiment_by_name("resume")
+    assert len(client.search_runs([experiment.experiment_id])) == 1
+    assert client.get_run(state["run_id"]).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_mlflow_sigkill_right_after_commit_loses_nothing(store: str) -> None:
+    """The commit may not have reached the store when the process dies; resume sends it then."""
+    child = textwrap.dedent(
+        f"""
+        import json, os, signal, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from src.tracking import MlflowTracker
+        tracker = MlflowTracker({store!r}, "killed", "run_c", tags={{}})
+        for step in range(5):
+            tracker.log_metrics({{"train_loss": float(step)}}, step=step, epoch=0)
+        print(json.dumps(tracker.state()), flush=True)
+        tracker.commit()
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -9, done.stderr
+    state = json.loads(done.stdout.splitlines()[-1])
+    assert len(state["pending"]) == 5
+
+    tracker = MlflowTracker(store, "killed", "run_c", tags={}, run_id=state["run_id"])
+    tracker.resume(state)
+    _log_steps(tracker, range(5, 7))
+    tracker.finish("FINISHED")
+    assert _steps(store, state["run_id"], "train_loss") == list(range(7))
+
+
+def test_mlflow_failed_run_keeps_only_checkpointed_events(store: str) -> None:
+    tracker = MlflowTracker(store, "failed", "run_d", tags={})
+    _log_steps(tracker, range(0, 3))
+    tracker.state()
+    tracker.commit()
+    _log_steps(tracker, range(3, 5))  # a resume from the checkpoint would log these again
+    tracker.finish("FAILED")
+    assert _client(store).get_run(tracker.run_id).info.status == "FAILED"
+    assert _steps(store, tracker.run_id, "train_loss") == [0, 1, 2]
+
+
+def test_mlflow_unusable_store_warns_and_never_raises(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    tracker = MlflowTracker(f"sqlite:///{blocker}/sub/mlflow.db", "x", "y", tags={})
+    with caplog.at_level(logging.WARNING, logger="template.tracking"):
+        assert tracker.run_id is None
+    _log_steps(tracker, range(3))
+    tracker.log_params({"a": 1})
+    assert tracker.state()["run_id"] is None
+    tracker.commit()
+    tracker.finish("FINISHED")
+    assert "tracking is off" in caplog.text
+
+
+def test_resolve_tracking_uri_prefers_config_then_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None, tmp_path / "result") == f"sqlite:///{tmp_path}/result/mlflow.db"
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri("", Path("result")) == f"sqlite:///{tmp_path}/result/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
+    assert resolve_tracking_uri(None, Path("result")) == "http://tracking:5000"
+    assert resolve_tracking_uri("sqlite:///other.db", Path("result")) == "sqlite:///other.db"
+
+
+# -- metrics.jsonl --------------------------------------------------------------------------------
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_metrics_file_resume_cuts_events_after_the_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    first = MetricsFile(path)
+    _log_steps(first, range(0, 3))
+    state = first.state()
+    first.commit()
+    _log_steps(first, range(3, 5), offset=100.0)
+    assert len(_records(path)) == 5  # flushed per line, visible before any commit
+    assert state == {"lines": 3}
+
+    second = MetricsFile(path)  # a new process opening the same run directory
+    assert second.state() == {"lines": 5}
+    second.resume(state)
+    assert [r["step"] for r in _records(path)] == [0, 1, 2]
+    _log_steps(second, range(3, 6))
+    second.finish("FINISHED")
+
+    records = _records(path)
+    assert [r["step"] for r in records] == list(range(6))
+    assert all(r["train_loss"] < 100 for r in records)
+    assert records[4] == {"epoch": 1, "step": 4, "train_loss": 0.2}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temp file left
+
+
+# -- TensorBoard ----------------------------------------------------------------------------------
+
+
+def _scalars(log_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(log_dir))
+    accumulator.Reload()
+    return [(e.step, e.value) for e in accumulator.Scalars(tag)]
+
+
+@pytest.mark.parametrize("purge_in_constructor", [True, False])
+def test_tensorboard_resume_replaces_events_after_the_checkpoint(
+    tmp_path: Path, purge_in_constructor: bool
+) -> None:
+    first = TensorBoardTracker(tmp_path)
+    _log_steps(first, range(0, 4))
+    state = first.state()
+    assert state == {"step": 3}
+    first.commit()
+    _log_steps(first, range(4, 6), offset=100.0)
+    first.commit()  # the stale events are on disk when the process dies
+
+    if purge_in_constructor:
+        second = TensorBoardTracker(tmp_path, purge_step=state["step"] + 1)
+    else:
+        second = TensorBoardTracker(tmp_path)
+    second.resume(state)
+    _log_steps(second, range(4, 7))
+    second.finish("FINISHED")
+
+    scalars = _scalars(tmp_path, "train_loss")
+    assert [step for step, _ in scalars] == list(range(7))
+    assert all(value == pytest.approx(1.0 / (step + 1)) for step, value in scalars)
+
+
+def test_tensorboard_figure_and_multitracker_state(tmp_path: Path) -> None:
+    from matplotlib.figure import Figure
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tracker = MultiTracker([MetricsFile(tmp_path / "metrics.jsonl"), TensorBoardTracker(tmp_path / "tb")])
+    _log_steps(tracker, range(3))
+    figure = Figure()
+    figure.add_subplot().imshow([[1, 0], [0, 1]])
+    tracker.log_figure("val/confusion_matrix", figure, step=2)
+    assert tracker.state() == {"MetricsFile": {"lines": 3}, "TensorBoardTracker": {"step": 2}}
+    tracker.finish("FINISHED")
+
+    accumulator = EventAccumulator(str(tmp_path / "tb"))
+    accumulator.Reload()
+    assert accumulator.Tags()["images"] == ["val/confusion_matrix"]
+    assert [e.step for e in accumulator.Images("val/confusion_matrix")] == [2]
+
+
+def test_multitracker_finishes_every_tracker_then_reraises(tmp_path: Path) -> None:
+    class Broken(Tracker):
+        def finish(self, status: str) -> None:
+            raise OSError("disk full")
+
+    metrics = MetricsFile(tmp_path / "metrics.jsonl")
+    tracker = MultiTracker([Broken(), metrics])
+    tracker.log_metrics({"val_loss": 0.5}, step=1, epoch=0)
+    with pytest.raises(OSError, match="disk full"):
+        tracker.finish("FAILED")
+    assert metrics._file.closed
+    assert _records(tmp_path / "metrics.jsonl") == [{"epoch": 0, "step": 1, "val_loss": 0.5}]
+
+
+# -- console log and progress ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_logger():
+    yield
+    logger = logging.getLogger("template")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
+
+STAMP = r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}"
+
+
+def test_setup_logging_appends_timestamped_lines(tmp_path: Path, clean_logger, capsys) -> None:
+    log_file = tmp_path / "run" / "train.log"
+    logger = setup_logging(log_file, rank=0)
+    logger.info("first run")
+    logger.debug("hidden without debug")
+    logger = setup_logging(log_file, rank=0, debug=True)  # e.g. a resumed run: same file, no doubled lines
+    logging.getLogger("template.engine").debug("resumed")
+    lines = log_file.read_text().splitlines()
+    assert len(lines) == 2
+    assert re.fullmatch(rf"{STAMP} \| INFO \| first run", lines[0])
+    assert re.fullmatch(rf"{STAMP} \| DEBUG \| resumed", lines[1])
+    assert capsys.readouterr().err.count("first run") == 1
+
+
+def test_setup_logging_other_ranks_warn_only_with_rank(tmp_path: Path, clean_logger, capsys) -> None:
+    logger = setup_logging(tmp_path / "train.log", rank=3)
+    logger.info("chatty")
+    logger.warning("slow disk")
+    err = capsys.readouterr().err
+    assert "chatty" not in err
+    assert re.search(rf"{STAMP} \| WARNING \| \[rank 3\] slow disk", err)
+    assert not (tmp_path / "train.log").exists()
+
+
+PROGRESS_CHILD = textwrap.dedent(
+    f"""
+    import sys, time
+    sys.path.insert(0, {str(REPO)!r})
+    from src.tracking import Progress, setup_logging
+    setup_logging(None, rank=0)
+    with Progress(total=0, desc="off", enabled=False) as quiet:
+        quiet.update(1, loss=9.0)
+    bar = Progress(total=20, desc="epoch 1", enabled=True, every=8)
+    for i in range(20):
+        bar.update(1, loss=1.0 / (i + 1), lr=0.001)
+        time.sleep(0.01)
+    bar.close()
+    """
+)
+
+
+def _run_in_pty(code: str) -> str:
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    output = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 60)
+        if not ready:
+            child.kill()
+            break
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(master)
+    assert child.wait(timeout=60) == 0, output
+    return output.decode()
+
+
+def test_progress_draws_a_bar_on_a_terminal() -> None:
+    output = _run_in_pty(PROGRESS_CHILD)
+    assert "\r" in output
+    assert "%|" in output or "it/s" in output
+    assert "epoch 1" in output
+    assert "off" not in output
+
+
+def test_progress_logs_plain_lines_when_piped() -> None:
+    done = subprocess.run([sys.executable, "-c", PROGRESS_CHILD], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr
+    assert "\x1b[" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if "epoch 1" in line]
+    counts = [re.search(r"epoch 1 (\d+)/20", line).group(1) for line in lines]
+    assert counts == ["8", "16", "20"]
+    assert re.match(
+        rf"{STAMP} \| INFO \| epoch 1 20/20 \(100%\) \| [\d.]+ it/s \| .* loss=0\.05 lr=0\.001$", lines[-1]
+    )
+    assert "off" not in done.stderr
