@@ -12,6 +12,9 @@ set -euo pipefail
 uri="${MLFLOW_TRACKING_URI:-sqlite:///$PWD/result/mlflow.db}"
 host="${HOST:-127.0.0.1}"
 port="${PORT:-5000}"
+# The server's background job runner (GenAI evaluation jobs) is not needed to browse training runs
+# and starts several extra processes; set this to true to keep it.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 
 if [[ -z "${MLFLOW_TRACKING_URI:-}" && ! -f "$PWD/result/mlflow.db" ]]; then
     echo "no MLflow store at $PWD/result/mlflow.db: run this from the directory holding result/" \

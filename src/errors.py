@@ -29,11 +29,11 @@ class RunError(TemplateError):
 def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:
     """The valid names nearest to a mistyped one, best first."""
     choices = list(choices)
-    found = difflib.get_close_matches(word, choices, n=n, cutoff=0.5)
-    if not found:
-        lowered = {c.lower(): c for c in choices}
-        found = [lowered[m] for m in difflib.get_close_matches(word.lower(), lowered, n=n, cutoff=0.5)]
-    return found
+    lowered = {c.lower(): c for c in choices}
+    same_letters = [lowered[word.lower()]] if word.lower() in lowered else []
+    by_case = [lowered[m] for m in difflib.get_close_matches(word.lower(), lowered, n=n, cutoff=0.5)]
+    exact = difflib.get_close_matches(word, choices, n=n, cutoff=0.5)
+    return list(dict.fromkeys(same_letters + by_case + exact))[:n]
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from src.errors import ConfigError, RunError
-from src.models import LOSS_REGISTRY, MODEL_REGISTRY, MLP, SimpleCNN, find_head, replace_head
+from src.models import LOSS_REGISTRY, MLP, MODEL_REGISTRY, SimpleCNN, find_head, replace_head
 
 
 @pytest.mark.parametrize(("in_channels", "size"), [(3, 32), (1, 28), (3, 8), (3, 45)])
@@ -156,6 +156,8 @@ def test_losses_build_with_their_arguments_and_return_scalars() -> None:
     mse = LOSS_REGISTRY.build("MSELoss")
     assert torch.allclose(mse(torch.ones(3), torch.zeros(3)), torch.tensor(1.0))
     bce = LOSS_REGISTRY.build({"name": "BCEWithLogitsLoss"})
-    assert bce(torch.zeros(2, 3), torch.ones(2, 3)).item() == pytest.approx(float(torch.log(torch.tensor(2.0))))
+    assert bce(torch.zeros(2, 3), torch.ones(2, 3)).item() == pytest.approx(
+        float(torch.log(torch.tensor(2.0)))
+    )
     with pytest.raises(ConfigError, match="label_smoothing"):
         LOSS_REGISTRY.build({"name": "CrossEntropyLoss", "label_smoothin": 0.1})
