@@ -101,7 +101,9 @@ def check_arguments(obj: Callable, kwargs: Mapping[str, Any], context: Mapping[s
         and n not in context
     ]
     if missing:
-        raise ConfigError(f"{where} needs the argument(s) {', '.join(missing)}; add them to its config section")
+        raise ConfigError(
+            f"{where} needs the argument(s) {', '.join(missing)}; add them to its config section"
+        )
 
 
 def _plain(section: Any) -> Any:

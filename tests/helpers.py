@@ -22,11 +22,18 @@ TINY = [
 ]
 
 
-def run_script(script: str, *args: str, env: dict | None = None, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, *args: str, env: dict | None = None, cwd: Path = ROOT, timeout: int = 300
+) -> subprocess.CompletedProcess:
     """Run `python <script> args...` from the repository root and return the finished process."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, str(ROOT / script), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -57,7 +57,7 @@ def test_unknown_argument_names_key_and_accepted_ones():
 
 
 def test_missing_argument_named():
-    with pytest.raises(ConfigError, match="needs the argument.*size"):
+    with pytest.raises(ConfigError, match=r"needs the argument.*size"):
         make().build({"name": "Knob"})
 
 
@@ -65,7 +65,7 @@ def test_wrong_kind_of_value_is_a_config_error():
     reg = Registry("thing")
 
     @reg.register()
-    def Ranged(n: int) -> range:  # noqa: N802
+    def Ranged(n: int) -> range:
         return range(n)
 
     with pytest.raises(ConfigError, match="rejected its arguments"):
@@ -83,12 +83,18 @@ def test_src_exposes_all_registries_with_builtins():
         TRANSFORM_REGISTRY,
     )
 
-    assert {"SimpleCNN", "MLP", "resnet18", "resnet50", "efficientnet_b0", "vit_b_16"} <= set(MODEL_REGISTRY.names())
+    assert {"SimpleCNN", "MLP", "resnet18", "resnet50", "efficientnet_b0", "vit_b_16"} <= set(
+        MODEL_REGISTRY.names()
+    )
     assert {"SyntheticClassification", "ImageFolder", "CIFAR10", "CIFAR100", "MNIST", "FashionMNIST"} <= set(
         DATASET_REGISTRY.names()
     )
     assert {"RandomCrop", "Normalize", "ToImage"} <= set(TRANSFORM_REGISTRY.names())
-    assert {"SGD", "Adam", "AdamW", "Lion", "AdamWScheduleFree", "RAdamScheduleFree"} <= set(OPTIMIZER_REGISTRY.names())
-    assert {"StepLR", "OneCycleLR", "CosineAnnealingWarmupReduceRestarts"} <= set(LR_SCHEDULER_REGISTRY.names())
+    assert {"SGD", "Adam", "AdamW", "Lion", "AdamWScheduleFree", "RAdamScheduleFree"} <= set(
+        OPTIMIZER_REGISTRY.names()
+    )
+    assert {"StepLR", "OneCycleLR", "CosineAnnealingWarmupReduceRestarts"} <= set(
+        LR_SCHEDULER_REGISTRY.names()
+    )
     assert "classification_evaluator" in EVALUATOR_REGISTRY
     assert {"CrossEntropyLoss", "MSELoss", "BCEWithLogitsLoss"} <= set(LOSS_REGISTRY.names())

@@ -116,6 +116,15 @@ def test_mlflow_reopened_run_after_crash_has_each_step_once(store: str) -> None:
     assert len(client.search_runs([experiment.experiment_id])) == 1
     assert client.get_run(state["run_id"]).info.status == "FINISHED"
 
+    # evaluating the finished run later adds its test metrics and leaves it FINISHED
+    tester = MlflowTracker(store, "resume", "run_b", tags={}, run_id=state["run_id"])
+    tester.log_metrics({"test_accuracy": 0.75}, step=9, epoch=3)
+    tester.commit()
+    tester.finish(None)
+    run = client.get_run(state["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test_accuracy"] == 0.75
+
 
 @pytest.mark.slow
 def test_mlflow_sigkill_right_after_commit_loses_nothing(store: str) -> None:

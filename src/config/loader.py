@@ -8,8 +8,8 @@ beyond reading YAML.
 from __future__ import annotations
 
 import copy
-import re
 import dataclasses
+import re
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,7 +49,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return cfg
 
 
-def load_config_with_sources(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[DictConfig, dict[str, str]]:
+def load_config_with_sources(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = ()
+) -> tuple[DictConfig, dict[str, str]]:
     """Like `load_config`, plus which file (or the command line) set each leaf key."""
     path = Path(path)
     merged: dict[str, Any] = dataclasses.asdict(RootConfig())
@@ -75,7 +77,9 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
         try:
             value = yaml.load(text, Loader=_Loader) if text.strip() else ""
         except yaml.YAMLError as err:
-            raise ConfigError(f"override '{item}': the value is not valid YAML ({_first_line(err)})") from None
+            raise ConfigError(
+                f"override '{item}': the value is not valid YAML ({_first_line(err)})"
+            ) from None
         node = result
         *parents, leaf = key.split(".")
         for part in parents:
@@ -136,7 +140,9 @@ def _expand_imports(node: Any, path: Path, section: str | None = None) -> Any:
         if not file.is_file():
             raise ConfigError(f"__import__ '{item}' in {path} not found (looked for {file})")
         content = _expand_imports(read_yaml(file), file)
-        if section is not None and section in content:  # a file holding `section: {...}` (maybe beside others)
+        if (
+            section is not None and section in content
+        ):  # a file holding `section: {...}` (maybe beside others)
             content = content[section]
         _merge(result, content)
     _merge(result, node)
@@ -151,7 +157,9 @@ def _normalise(layer: dict[str, Any], origin: str) -> dict[str, Any]:
         if isinstance(value, str) or (value is None and section in layer and section == "lr_scheduler"):
             layer[section] = {"name": value}
         elif section in layer and not isinstance(value, dict):
-            raise ConfigError(f"'{section}' in {origin} must be a name or a mapping with 'name', got {value!r}")
+            raise ConfigError(
+                f"'{section}' in {origin} must be a name or a mapping with 'name', got {value!r}"
+            )
     for alias, canonical in ALIASES.items():
         a_section, a_key = alias.split(".")
         if not isinstance(layer.get(a_section), dict) or a_key not in layer[a_section]:
@@ -160,7 +168,9 @@ def _normalise(layer: dict[str, Any], origin: str) -> dict[str, Any]:
         c_section, c_key = canonical.split(".")
         target = layer.setdefault(c_section, {})
         if c_key in target and target[c_key] != value:
-            raise ConfigError(f"{origin} sets both '{alias}' ({value}) and '{canonical}' ({target[c_key]}); keep one")
+            raise ConfigError(
+                f"{origin} sets both '{alias}' ({value}) and '{canonical}' ({target[c_key]}); keep one"
+            )
         target[c_key] = value
     return layer
 
@@ -187,7 +197,9 @@ def _check_dataclass_keys(layer: Mapping[str, Any], cls: type, prefix: str, orig
                 raise ConfigError(f"'transform' in {origin} must map train/val/test to lists")
             for split in value:
                 if split not in ("train", "val", "test"):
-                    raise ConfigError(f"unknown key 'transform.{split}' in {origin}{did_you_mean(split, ['train', 'val', 'test'])}")
+                    raise ConfigError(
+                        f"unknown key 'transform.{split}' in {origin}{did_you_mean(split, ['train', 'val', 'test'])}"
+                    )
 
 
 def check_values(cfg: dict[str, Any], sources: dict[str, str]) -> None:
@@ -211,7 +223,9 @@ def check_values(cfg: dict[str, Any], sources: dict[str, str]) -> None:
             raise ConfigError(f"'{key}' must be a number, got {value!r} (from {sources.get(key, 'default')})")
         too_low = value < low if low_inclusive else value <= low
         if too_low or value > high:
-            bound = f"{'>=' if low_inclusive else '>'} {low:g}" + (f" and <= {high:g}" if high != float("inf") else "")
+            bound = f"{'>=' if low_inclusive else '>'} {low:g}" + (
+                f" and <= {high:g}" if high != float("inf") else ""
+            )
             raise ConfigError(f"'{key}' must be {bound}, got {value} (from {sources.get(key, 'default')})")
     for section, keys in TEMPLATE_KEYS.items():
         for key, default in keys.items():
@@ -219,7 +233,9 @@ def check_values(cfg: dict[str, Any], sources: dict[str, str]) -> None:
             if isinstance(default, bool) and not isinstance(value, bool):
                 raise ConfigError(f"'{section}.{key}' must be true or false, got {value!r}")
     if not cfg["model"].get("name") or not cfg["dataset"].get("name"):
-        raise ConfigError("the config must name a model and a dataset, e.g. model: resnet18, dataset: CIFAR10")
+        raise ConfigError(
+            "the config must name a model and a dataset, e.g. model: resnet18, dataset: CIFAR10"
+        )
 
 
 def _check_types(node: dict[str, Any], cls: type, prefix: str, sources: dict[str, str]) -> None:
@@ -288,11 +304,11 @@ def _merge(base: dict[str, Any], layer: Mapping[str, Any]) -> None:
     """Deep-merge `layer` into `base`; a component whose name changes drops the old arguments."""
     for key, value in layer.items():
         old = base.get(key)
-        if key in COMPONENT_SECTIONS and isinstance(old, dict) and isinstance(value, dict):
-            if "name" in value and value["name"] != old.get("name"):
-                kept = {k: v for k, v in old.items() if k in TEMPLATE_KEYS[key]}
-                base[key] = kept
-                old = kept
+        renamed = isinstance(value, dict) and "name" in value and value["name"] != (old or {}).get("name")
+        if key in COMPONENT_SECTIONS and isinstance(old, dict) and renamed:
+            kept = {k: v for k, v in old.items() if k in TEMPLATE_KEYS[key]}
+            base[key] = kept
+            old = kept
         if isinstance(old, dict) and isinstance(value, dict):
             _merge(old, value)
         else:

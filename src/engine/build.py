@@ -43,7 +43,9 @@ def component_args(section: DictConfig | dict, kind: str) -> dict[str, Any]:
     """A component section without the keys the template consumes itself."""
     from omegaconf import OmegaConf
 
-    plain = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
+    plain = (
+        OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
+    )
     return {k: v for k, v in plain.items() if k not in TEMPLATE_KEYS[kind]}
 
 
@@ -60,9 +62,15 @@ def build_split(cfg: DictConfig, split: str, ctx: DistContext, shuffle: bool, tr
     if len(dataset) == 0:
         from src.errors import RunError
 
-        raise RunError(f"dataset '{cfg.dataset.name}' has no samples in its {split} split; check dataset.root")
-    sampler = ResumableSampler(len(dataset), shuffle=shuffle, seed=int(cfg.seed), rank=ctx.rank, world_size=ctx.world_size)
-    loader = build_loader(dataset, int(cfg.batch), sampler, cfg.dataloader, seed=int(cfg.seed), device_type=ctx.device.type)
+        raise RunError(
+            f"dataset '{cfg.dataset.name}' has no samples in its {split} split; check dataset.root"
+        )
+    sampler = ResumableSampler(
+        len(dataset), shuffle=shuffle, seed=int(cfg.seed), rank=ctx.rank, world_size=ctx.world_size
+    )
+    loader = build_loader(
+        dataset, int(cfg.batch), sampler, cfg.dataloader, seed=int(cfg.seed), device_type=ctx.device.type
+    )
     return Split(dataset, sampler, loader, getattr(loader, "generator", None))
 
 
@@ -72,7 +80,11 @@ def build_transforms(cfg: DictConfig) -> dict:
 
 def build_model(cfg: DictConfig, num_classes: int | None) -> nn.Module:
     args = component_args(cfg.model, "model")
-    if num_classes is not None and "num_classes" not in args and accepts(MODEL_REGISTRY.get(args["name"]), "num_classes"):
+    if (
+        num_classes is not None
+        and "num_classes" not in args
+        and accepts(MODEL_REGISTRY.get(args["name"]), "num_classes")
+    ):
         args["num_classes"] = num_classes
     model = MODEL_REGISTRY.build(args)
     if not isinstance(model, nn.Module):
@@ -88,7 +100,9 @@ def build_evaluator(cfg: DictConfig, num_classes: int | None) -> Any:
     args = component_args(cfg.evaluator, "evaluator")
     if args.get("name") == "classification_evaluator" and "num_classes" not in args:
         if num_classes is None:
-            raise ConfigError("evaluator.num_classes is needed: the dataset does not say how many classes it has")
+            raise ConfigError(
+                "evaluator.num_classes is needed: the dataset does not say how many classes it has"
+            )
         args["num_classes"] = num_classes
     if accepts(EVALUATOR_REGISTRY.get(args["name"]), "metrics"):
         return EVALUATOR_REGISTRY.build(args, metrics=list(cfg.evaluation.metrics))
@@ -113,7 +127,9 @@ def num_classes_of(cfg: DictConfig, dataset: Any) -> int | None:
     return found
 
 
-def check_output_size(cfg: DictConfig, model: nn.Module, dataset: Any, num_classes: int | None, device: torch.device) -> None:
+def check_output_size(
+    cfg: DictConfig, model: nn.Module, dataset: Any, num_classes: int | None, device: torch.device
+) -> None:
     """Catch a classifier head that does not match the dataset before the first step, not mid-epoch."""
     if num_classes is None:
         return
@@ -145,7 +161,11 @@ def preflight(cfg: DictConfig) -> None:
         (OPTIMIZER_REGISTRY, "optimizer", {"params"}),
         (EVALUATOR_REGISTRY, "evaluator", {"metrics", "num_classes"}),
         # the schedule's lengths are filled in from the run when not given
-        (LR_SCHEDULER_REGISTRY, "lr_scheduler", {"optimizer", "total_steps", "max_lr", "T_max", "total_iters"}),
+        (
+            LR_SCHEDULER_REGISTRY,
+            "lr_scheduler",
+            {"optimizer", "total_steps", "max_lr", "T_max", "total_iters"},
+        ),
     ]
     for registry, kind, context in checks:
         args = component_args(cfg[kind], kind)
@@ -154,7 +174,7 @@ def preflight(cfg: DictConfig) -> None:
             continue
         obj = registry.get(name)
         check_arguments(obj, args, dict.fromkeys(context), where=f"{registry.name} '{name}'")
-    for split, items in (cfg.get("transform") or {}).items():
+    for items in (cfg.get("transform") or {}).values():
         for item in items or []:
             name = item if isinstance(item, str) else item.get("name")
             TRANSFORM_REGISTRY.get(str(name))

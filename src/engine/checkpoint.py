@@ -68,7 +68,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, pickle error, foreign file
-        raise RunError(f"checkpoint {path} is corrupt or truncated and cannot be loaded ({type(err).__name__})") from None
+        raise RunError(
+            f"checkpoint {path} is corrupt or truncated and cannot be loaded ({type(err).__name__})"
+        ) from None
     if not isinstance(state, dict) or "model" not in state:
         raise RunError(f"{path} is not a checkpoint of this template (no 'model' entry)")
     return state

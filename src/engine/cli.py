@@ -11,10 +11,14 @@ from collections.abc import Callable
 def parse(argv: list[str], prog: str, description: str, with_checkpoint: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("config", help="experiment YAML, or result/<...>/config.yaml of an existing run")
-    parser.add_argument("overrides", nargs="*", help="key=value settings applied last, e.g. batch=64 optimizer.lr=1e-3")
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value settings applied last, e.g. batch=64 optimizer.lr=1e-3"
+    )
     if with_checkpoint:
         parser.add_argument("--checkpoint", help="checkpoint file to evaluate (default: the run's best.pth)")
-    parser.add_argument("--traceback", action="store_true", help="show Python tracebacks of errors (or TEMPLATE_TRACEBACK=1)")
+    parser.add_argument(
+        "--traceback", action="store_true", help="show Python tracebacks of errors (or TEMPLATE_TRACEBACK=1)"
+    )
     return parser.parse_args(argv)
 
 

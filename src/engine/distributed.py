@@ -46,7 +46,7 @@ def parse_gpu_ids(use: Any) -> list[int]:
     try:
         return [int(i) for i in items if str(i) != ""]
     except ValueError:
-        raise ConfigError(f"gpu.use must be GPU ids like \"0\" or \"0,1,2,3\", got {use!r}") from None
+        raise ConfigError(f'gpu.use must be GPU ids like "0" or "0,1,2,3", got {use!r}') from None
 
 
 def setup(cfg: Any) -> DistContext:
@@ -56,16 +56,22 @@ def setup(cfg: Any) -> DistContext:
     ids = parse_gpu_ids(cfg.gpu.use)
     cuda = torch.cuda.is_available()
     if want.startswith("cuda") and not cuda:
-        raise ConfigError(f"gpu.device={want} but CUDA is not available here; use gpu.device=auto or gpu.device=cpu")
+        raise ConfigError(
+            f"gpu.device={want} but CUDA is not available here; use gpu.device=auto or gpu.device=cpu"
+        )
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if want == "mps" and not mps:
-        raise ConfigError("gpu.device=mps but MPS is not available here; use gpu.device=auto or gpu.device=cpu")
+        raise ConfigError(
+            "gpu.device=mps but MPS is not available here; use gpu.device=auto or gpu.device=cpu"
+        )
     kind = want if want != "auto" else ("cuda" if cuda else "mps" if mps else "cpu")
     if kind == "cuda":
         count = torch.cuda.device_count()
         bad = [i for i in ids if i < 0 or i >= count]
         if bad:
-            raise ConfigError(f"gpu.use id {bad[0]} is out of range: this machine has {count} CUDA device(s) (ids 0..{count - 1})")
+            raise ConfigError(
+                f"gpu.use id {bad[0]} is out of range: this machine has {count} CUDA device(s) (ids 0..{count - 1})"
+            )
 
     torchrun = launched_by_torchrun()
     if strategy == "ddp" and not torchrun:

@@ -112,7 +112,9 @@ def evaluate(
         count += keep
         evaluator.update(outputs, targets)
         if collect is not None:
-            collect.append((outputs.detach().cpu() if isinstance(outputs, torch.Tensor) else outputs, targets.cpu()))
+            collect.append(
+                (outputs.detach().cpu() if isinstance(outputs, torch.Tensor) else outputs, targets.cpu())
+            )
     all_reduce_sum(loss_sum)
     all_reduce_sum(count)
     metrics = {f"{phase}_{k}": float(v) for k, v in evaluator.compute().items()}

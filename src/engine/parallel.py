@@ -67,11 +67,14 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         for parent in model.modules()
         if isinstance(parent, (nn.Sequential, nn.ModuleList))
         for child in parent.children()
-        if any(True for _ in child.parameters()) and not isinstance(child, (nn.Sequential, nn.ModuleList))
+        if any(True for _ in child.parameters())
+        and not isinstance(child, (nn.Sequential, nn.ModuleList))
         and len(list(child.children())) > 0
     }
     if not blocks:
-        raise ConfigError("model.gradient_checkpointing: found no repeated blocks to checkpoint in this model")
+        raise ConfigError(
+            "model.gradient_checkpointing: found no repeated blocks to checkpoint in this model"
+        )
     apply_activation_checkpointing(
         model,
         checkpoint_wrapper_fn=lambda m: checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
@@ -102,7 +105,9 @@ def shard_fsdp2(model: nn.Module, cfg: Any, ctx: DistContext) -> None:
     kwargs: dict[str, Any] = {
         "mesh": mesh,
         "reshard_after_forward": strategy != "shard_grad_op",
-        "mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy(),
+        "mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        if dtype
+        else MixedPrecisionPolicy(),
     }
     if dcfg.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
@@ -111,7 +116,9 @@ def shard_fsdp2(model: nn.Module, cfg: Any, ctx: DistContext) -> None:
         blocks = [m for m in model.modules() if type(m).__name__ in names and m is not model]
         found = {type(m).__name__ for m in blocks}
         if names - found:
-            raise ConfigError(f"distributed.fsdp_modules: no module of class {sorted(names - found)} in the model")
+            raise ConfigError(
+                f"distributed.fsdp_modules: no module of class {sorted(names - found)} in the model"
+            )
     else:
         blocks = _large_leafmost_blocks(model, int(dcfg.fsdp_min_params))
     for block in blocks:

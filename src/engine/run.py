@@ -16,7 +16,13 @@ from src.config import load_config
 from src.engine import distributed as dist_utils
 from src.engine.build import import_user_modules, preflight
 from src.engine.checkpoint import load_checkpoint
-from src.engine.run_dir import config_changes, elastic_marker, new_run_dir, refuse_harmful_changes, save_config
+from src.engine.run_dir import (
+    config_changes,
+    elastic_marker,
+    new_run_dir,
+    refuse_harmful_changes,
+    save_config,
+)
 from src.engine.tester import run_test
 from src.engine.trackers import experiment_name, resolve_uri
 from src.engine.trainer import Trainer, find_resume_state
@@ -81,7 +87,9 @@ def test_main(config_path: str | Path, overrides: list[str], checkpoint: str | N
     import_user_modules(list(cfg.imports))
     preflight(cfg)
     if not cfg.run_dir:
-        raise ConfigError(f"{config_path} is not a result directory's config.yaml; pass result/<...>/config.yaml")
+        raise ConfigError(
+            f"{config_path} is not a result directory's config.yaml; pass result/<...>/config.yaml"
+        )
     run_dir = config_path.resolve().parent
     ctx = dist_utils.setup(cfg)
     setup_logging(run_dir / "train.log" if ctx.is_main else None, ctx.rank, debug=bool(cfg.debug))
@@ -98,7 +106,9 @@ def test_main(config_path: str | Path, overrides: list[str], checkpoint: str | N
 
 
 # ---------------------------------------------------------------------- where the run lives
-def _plan(cfg: DictConfig, config_path: Path, overrides: list[str], ctx: Any) -> tuple[Path, dict | None, bool]:
+def _plan(
+    cfg: DictConfig, config_path: Path, overrides: list[str], ctx: Any
+) -> tuple[Path, dict | None, bool]:
     """(result directory, checkpoint state to resume from or None, whether the directory is new)."""
     marker = elastic_marker(cfg)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
@@ -114,12 +124,20 @@ def _plan(cfg: DictConfig, config_path: Path, overrides: list[str], ctx: Any) ->
         changes = config_changes(saved, cfg)
         harmful = refuse_harmful_changes(changes, bool(cfg.checkpoint.allow_config_change))
         for key, old, new in changes:
-            log.info("resume: %s changed %r -> %r%s", key, old, new, " (allowed explicitly)" if (key, old, new) in harmful else "")
+            log.info(
+                "resume: %s changed %r -> %r%s",
+                key,
+                old,
+                new,
+                " (allowed explicitly)" if (key, old, new) in harmful else "",
+            )
         state = find_resume_state(run_dir)
         if state is None and cfg.checkpoint.resume_from:
             state = _warm_state(cfg)
         elif state is None:
-            log.warning("no valid checkpoint in %s: training starts from the beginning", run_dir / "checkpoints")
+            log.warning(
+                "no valid checkpoint in %s: training starts from the beginning", run_dir / "checkpoints"
+            )
         _check_world_size(state, ctx, cfg)
         return run_dir, state, False
     if restarted and marker is not None and marker.is_file():  # torchrun restarted a failed worker group
@@ -141,7 +159,9 @@ def _warm_state(cfg: DictConfig) -> dict[str, Any]:
     if cfg.checkpoint.weights_only_resume:
         return {"model": state["model"], "weights_only": True}
     if "progress" not in state:
-        raise RunError(f"{cfg.checkpoint.resume_from} holds weights only; use model.pretrained_weight=<file> for it")
+        raise RunError(
+            f"{cfg.checkpoint.resume_from} holds weights only; use model.pretrained_weight=<file> for it"
+        )
     return state
 
 
@@ -149,7 +169,11 @@ def _check_world_size(state: dict | None, ctx: Any, cfg: DictConfig) -> None:
     if state is None or "world_size" not in state or state["world_size"] == ctx.world_size:
         return
     if cfg.checkpoint.allow_config_change:
-        log.warning("resuming a %d-process run with %d processes: the global batch changes", state["world_size"], ctx.world_size)
+        log.warning(
+            "resuming a %d-process run with %d processes: the global batch changes",
+            state["world_size"],
+            ctx.world_size,
+        )
         return
     raise ConfigError(
         f"this run was trained with {state['world_size']} process(es) and is resumed with {ctx.world_size}: the global "
@@ -177,13 +201,21 @@ def _reopen_mlflow(cfg: DictConfig, run_dir: Path) -> Any:
         return None
     from src.tracking import MlflowTracker
 
-    return MlflowTracker(cfg.logging.mlflow_tracking_uri, experiment_name(cfg), run_dir.name, tags={}, run_id=run_id)
+    return MlflowTracker(
+        cfg.logging.mlflow_tracking_uri, experiment_name(cfg), run_dir.name, tags={}, run_id=run_id
+    )
 
 
-def _write_summary(cfg: DictConfig, run_dir: Path, trainer: Trainer, test: dict[str, float], seconds: float) -> None:
+def _write_summary(
+    cfg: DictConfig, run_dir: Path, trainer: Trainer, test: dict[str, float], seconds: float
+) -> None:
     st = trainer.state
     monitor = cfg.checkpoint.monitor
-    best = f"{monitor} = {st.best_value:.6g} at epoch {st.best_epoch}" if st.best_value is not None else "not validated"
+    best = (
+        f"{monitor} = {st.best_value:.6g} at epoch {st.best_epoch}"
+        if st.best_value is not None
+        else "not validated"
+    )
     lines = [
         f"run:        {run_dir}",
         f"epochs:     {st.epoch} ({st.global_step} optimizer steps)",

@@ -28,7 +28,9 @@ def new_run_dir(cfg: DictConfig) -> Path:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ConfigError(f"output '{cfg.output}' is not writable ({err.strerror}); set output=<a writable folder>") from None
+        raise ConfigError(
+            f"output '{cfg.output}' is not writable ({err.strerror}); set output=<a writable folder>"
+        ) from None
     if not os.access(parent, os.W_OK):
         raise ConfigError(f"output '{cfg.output}' is not writable; set output=<a writable folder>")
     for i in range(1000):
@@ -72,7 +74,11 @@ def refuse_harmful_changes(changes: list[tuple[str, Any, Any]], allowed: bool) -
     harmful = [c for c in changes if not c[0].startswith(HARMLESS_ON_RESUME)]
     if harmful and not allowed:
         key, old, new = harmful[0]
-        more = f" (and {len(harmful) - 1} more: {', '.join(c[0] for c in harmful[1:4])})" if len(harmful) > 1 else ""
+        more = (
+            f" (and {len(harmful) - 1} more: {', '.join(c[0] for c in harmful[1:4])})"
+            if len(harmful) > 1
+            else ""
+        )
         raise ConfigError(
             f"resuming with '{key}' changed from {old!r} to {new!r}{more} would silently change the run; "
             "drop the override, or add checkpoint.allow_config_change=true to accept it"

@@ -22,7 +22,9 @@ class StopRequest:
             if sig is None:
                 from src.errors import ConfigError
 
-                raise ConfigError(f"training.stop_signals: unknown signal '{name}' (e.g. SIGTERM, SIGINT, SIGUSR1)")
+                raise ConfigError(
+                    f"training.stop_signals: unknown signal '{name}' (e.g. SIGTERM, SIGINT, SIGUSR1)"
+                )
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def uninstall(self) -> None:

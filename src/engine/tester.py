@@ -11,7 +11,14 @@ import torch
 from omegaconf import DictConfig
 
 from src.engine import distributed as dist_utils
-from src.engine.build import build_evaluator, build_loss, build_model, build_split, build_transforms, num_classes_of
+from src.engine.build import (
+    build_evaluator,
+    build_loss,
+    build_model,
+    build_split,
+    build_transforms,
+    num_classes_of,
+)
 from src.engine.checkpoint import describe_mismatch, load_checkpoint
 from src.engine.distributed import DistContext
 from src.engine.evaluate import evaluate
@@ -36,7 +43,9 @@ def test_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     return state["model"]
 
 
-def run_test(cfg: DictConfig, ctx: DistContext, run_dir: Path, checkpoint: Path | None, trackers: Any) -> dict[str, float]:
+def run_test(
+    cfg: DictConfig, ctx: DistContext, run_dir: Path, checkpoint: Path | None, trackers: Any
+) -> dict[str, float]:
     path = checkpoint or pick_checkpoint(run_dir)
     state = load_checkpoint(path)
     precision = resolve_precision(cfg.gpu, ctx.device)
@@ -116,7 +125,9 @@ def write_predictions(path: Path, gathered: list[list]) -> None:
     for rank, batches in enumerate(gathered):
         index = 0
         for outputs, targets in batches:
-            preds = outputs.argmax(dim=1) if isinstance(outputs, torch.Tensor) and outputs.dim() == 2 else outputs
+            preds = (
+                outputs.argmax(dim=1) if isinstance(outputs, torch.Tensor) and outputs.dim() == 2 else outputs
+            )
             for t, p in zip(targets.tolist(), preds.tolist(), strict=False):
                 rows.append(f"{rank},{index},{t},{p}")
                 index += 1

@@ -30,11 +30,17 @@ def start_trackers(cfg: DictConfig, run_dir: Path, saved: dict | None, step: int
     saved = saved or {}
     trackers: list[Any] = [MetricsFile(run_dir / "metrics.jsonl")]
     if cfg.logging.tensorboard:
-        trackers.append(TensorBoardTracker(run_dir / cfg.logging.log_dir, purge_step=step + 1 if step else None))
+        trackers.append(
+            TensorBoardTracker(run_dir / cfg.logging.log_dir, purge_step=step + 1 if step else None)
+        )
     if cfg.logging.mlflow:
         tags = {"tag": str(cfg.tag), "run_dir": str(run_dir), "host": socket.gethostname(), **_git_tags()}
         run_id = saved.get("MlflowTracker", {}).get("run_id")
-        trackers.append(MlflowTracker(cfg.logging.mlflow_tracking_uri, experiment_name(cfg), run_dir.name, tags, run_id=run_id))
+        trackers.append(
+            MlflowTracker(
+                cfg.logging.mlflow_tracking_uri, experiment_name(cfg), run_dir.name, tags, run_id=run_id
+            )
+        )
     multi = MultiTracker(trackers)
     if saved:
         multi.resume(saved)
@@ -48,8 +54,12 @@ def start_trackers(cfg: DictConfig, run_dir: Path, saved: dict | None, step: int
 
 def _git_tags() -> dict[str, str]:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return {}
     return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower()} if commit else {}

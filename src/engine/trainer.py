@@ -31,7 +31,14 @@ from src.engine.build import (
     check_output_size,
     num_classes_of,
 )
-from src.engine.checkpoint import atomic_save, capture_rng, describe_mismatch, load_checkpoint, newest_valid_checkpoint, restore_rng
+from src.engine.checkpoint import (
+    atomic_save,
+    capture_rng,
+    describe_mismatch,
+    load_checkpoint,
+    newest_valid_checkpoint,
+    restore_rng,
+)
 from src.engine.distributed import DistContext
 from src.engine.evaluate import batch_size, evaluate, split_batch, to_device, total_loss
 from src.engine.parallel import prepare_model
@@ -62,7 +69,9 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, ctx: DistContext, run_dir: Path, resume: dict[str, Any] | None) -> None:
+    def __init__(
+        self, cfg: DictConfig, ctx: DistContext, run_dir: Path, resume: dict[str, Any] | None
+    ) -> None:
         self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
         self.ckpt_dir = run_dir / "checkpoints"
         self.resume_state = resume
@@ -86,7 +95,11 @@ class Trainer:
         precision = resolve_precision(cfg.gpu, ctx.device)
         transforms = build_transforms(cfg)
         train = build_split(cfg, "train", ctx, shuffle=True, transforms=transforms)
-        val = build_split(cfg, "val", ctx, shuffle=False, transforms=transforms) if cfg.evaluation.frequency else None
+        val = (
+            build_split(cfg, "val", ctx, shuffle=False, transforms=transforms)
+            if cfg.evaluation.frequency
+            else None
+        )
         num_classes = num_classes_of(cfg, train.dataset)
         model = build_model(cfg, num_classes)
         model.to(ctx.device)
@@ -99,7 +112,9 @@ class Trainer:
         optimizer = build_optimizer(cfg.optimizer, raw)
         batches_per_epoch = 1 if debug else len(train.loader)
         steps_per_epoch = math.ceil(batches_per_epoch / accumulate)
-        schedule = build_scheduler(cfg.lr_scheduler, optimizer, steps_per_epoch=steps_per_epoch, epochs=epochs)
+        schedule = build_scheduler(
+            cfg.lr_scheduler, optimizer, steps_per_epoch=steps_per_epoch, epochs=epochs
+        )
         scaler = precision.grad_scaler()
         ema = self._build_ema(raw)
         self.optimizer, self.schedule, self.scaler, self.ema = optimizer, schedule, scaler, ema
@@ -129,7 +144,11 @@ class Trainer:
                 train.generator.manual_seed(int(cfg.seed) + epoch)
             model.train()
             set_optimizer_mode(optimizer, True)
-            sizes = rank_batch_sizes(len(train.sampler) + st.batches_done * int(cfg.batch), int(cfg.batch), cfg.dataloader.drop_last)
+            sizes = rank_batch_sizes(
+                len(train.sampler) + st.batches_done * int(cfg.batch),
+                int(cfg.batch),
+                cfg.dataloader.drop_last,
+            )
             n_batches = 1 if debug else len(sizes)
             window_loss = torch.zeros((), device=ctx.device, dtype=torch.float64)
             window_samples, window_steps, window_start = 0, 0, time.perf_counter()
@@ -167,7 +186,9 @@ class Trainer:
 
                 # --- optimizer step (end of an accumulation window)
                 if cfg.training.nan_policy == "skip" and not torch.isfinite(loss.detach()):
-                    log.warning("non-finite loss at epoch %d step %d: step skipped", epoch + 1, st.global_step)
+                    log.warning(
+                        "non-finite loss at epoch %d step %d: step skipped", epoch + 1, st.global_step
+                    )
                     optimizer.zero_grad(set_to_none=True)
                     window_loss.zero_()
                     window_samples = 0
@@ -191,7 +212,9 @@ class Trainer:
 
                 # --- log (the only host-device sync of a training step), agree on stopping
                 if st.global_step % log_every == 0:
-                    metrics = self._window_metrics(window_loss, window_samples, window_steps, window_start, data_wait, grad_norm)
+                    metrics = self._window_metrics(
+                        window_loss, window_samples, window_steps, window_start, data_wait, grad_norm
+                    )
                     self._log(metrics, bar)
                     window_loss = torch.zeros_like(window_loss)
                     window_samples, window_steps, window_start, data_wait = 0, 0, time.perf_counter(), 0.0
@@ -209,7 +232,9 @@ class Trainer:
                     self._save(extra_names=[], reason=f"step {st.global_step}")
             bar.close()
             if window_samples:  # the epoch's last, partial logging window
-                metrics = self._window_metrics(window_loss, window_samples, window_steps, window_start, data_wait, grad_norm)
+                metrics = self._window_metrics(
+                    window_loss, window_samples, window_steps, window_start, data_wait, grad_norm
+                )
             else:
                 metrics = {}
 
@@ -233,7 +258,11 @@ class Trainer:
             stop_early = self._early_stopping(metrics)
             self._save(extra_names=names, reason=f"epoch {epoch + 1}")
             if stop_early:
-                log.info("early stopping: %s did not improve for %d validation(s)", cfg.training.early_stopping.monitor, st.stale_epochs)
+                log.info(
+                    "early stopping: %s did not improve for %d validation(s)",
+                    cfg.training.early_stopping.monitor,
+                    st.stale_epochs,
+                )
                 break
             if dist_utils.any_rank(self.stop.requested, ctx.device):
                 return self._preempted()
@@ -258,7 +287,9 @@ class Trainer:
     def _window_metrics(
         self, loss_sum: torch.Tensor, samples: int, steps: int, start: float, data_wait: float, grad_norm: Any
     ) -> dict[str, float]:
-        totals = torch.stack([loss_sum, torch.tensor(float(samples), device=loss_sum.device, dtype=torch.float64)])
+        totals = torch.stack(
+            [loss_sum, torch.tensor(float(samples), device=loss_sum.device, dtype=torch.float64)]
+        )
         if self.ctx.distributed:
             totals = totals.to(self.ctx.device if self.ctx.device.type == "cuda" else "cpu")
             dist_utils.all_reduce_sum(totals)
@@ -308,7 +339,9 @@ class Trainer:
 
         # A bar on a terminal only: piped output and train.log get the plain log lines instead.
         enabled = self.ctx.is_main and bool(self.cfg.logging.progress_bar) and sys.stderr.isatty()
-        return Progress(total=total, desc=desc, enabled=enabled, every=max(1, int(self.cfg.logging.log_frequency)))
+        return Progress(
+            total=total, desc=desc, enabled=enabled, every=max(1, int(self.cfg.logging.log_frequency))
+        )
 
     def _build_ema(self, raw: nn.Module) -> Any:
         decay = float(self.cfg.model.get("ema", 0.0) or 0.0)
@@ -326,7 +359,9 @@ class Trainer:
             return None
         from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.ctx.device.type == "cuda" else [])
+        activities = [ProfilerActivity.CPU] + (
+            [ProfilerActivity.CUDA] if self.ctx.device.type == "cuda" else []
+        )
         prof = profile(
             activities=activities,
             schedule=schedule(wait=int(p.wait), warmup=int(p.warmup), active=int(p.active), repeat=1),
@@ -336,7 +371,12 @@ class Trainer:
             with_stack=bool(p.with_stack),
         )
         prof.start()
-        log.info("profiling steps %d..%d into %s", p.wait + p.warmup, p.wait + p.warmup + p.active, self.run_dir / "profile")
+        log.info(
+            "profiling steps %d..%d into %s",
+            p.wait + p.warmup,
+            p.wait + p.warmup + p.active,
+            self.run_dir / "profile",
+        )
         return prof
 
     # ------------------------------------------------------------------ best model and early stopping
@@ -423,7 +463,9 @@ class Trainer:
         if self.ctx.strategy == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            return get_model_state_dict(self.raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return get_model_state_dict(
+                self.raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
         return {k: v.detach().cpu() for k, v in self.raw.state_dict().items()}
 
     def _save_sharded(self) -> str:
@@ -482,13 +524,19 @@ class Trainer:
             msd, osd = get_state_dict(self.raw, self.optimizer)
             sd = {"model": msd, "optimizer": osd}
             dcp.load(sd, checkpoint_id=str(self.ckpt_dir / state["dcp"]))
-            set_state_dict(self.raw, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+            set_state_dict(
+                self.raw, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"]
+            )
         else:
             if ctx.strategy == "fsdp":
-                raise RunError("this checkpoint has no sharded (DCP) state; resume it without distributed.strategy=fsdp")
+                raise RunError(
+                    "this checkpoint has no sharded (DCP) state; resume it without distributed.strategy=fsdp"
+                )
             self._load_model_weights(state["model"], strict=True)
             if "optimizer" not in state:
-                raise RunError("this checkpoint was written by an FSDP run; resume it with distributed.strategy=fsdp")
+                raise RunError(
+                    "this checkpoint was written by an FSDP run; resume it with distributed.strategy=fsdp"
+                )
             self.optimizer.load_state_dict(state["optimizer"])
         if self.schedule is not None and state.get("scheduler") is not None:
             self.schedule.load_state_dict(state["scheduler"])
@@ -523,7 +571,13 @@ class Trainer:
         fitting = {k: v for k, v in weights.items() if k in own and getattr(v, "shape", None) == own[k].shape}
         mismatch = describe_mismatch(model, weights)
         model.load_state_dict(fitting, strict=False)
-        log.info("loaded %d/%d tensors from %s%s", len(fitting), len(own), path, f" ({mismatch})" if mismatch else "")
+        log.info(
+            "loaded %d/%d tensors from %s%s",
+            len(fitting),
+            len(own),
+            path,
+            f" ({mismatch})" if mismatch else "",
+        )
 
     def _preempted(self) -> TrainState:
         self.state.finished = False
@@ -537,7 +591,9 @@ class Trainer:
             return None
         from src.engine.trackers import start_trackers
 
-        trackers = start_trackers(self.cfg, self.run_dir, getattr(self, "tracking_state", None), self.state.global_step)
+        trackers = start_trackers(
+            self.cfg, self.run_dir, getattr(self, "tracking_state", None), self.state.global_step
+        )
         return trackers
 
 

@@ -63,7 +63,7 @@ class ClassificationEvaluator(BaseEvaluator):
         self.average = average
         self.top_k = top_k
         # Argument checks inside torchmetrics sync with the device on every batch; update() checks once.
-        common = {"num_classes": num_classes, "validate_args": False, "sync_on_compute": False}
+        common = {"num_classes": num_classes, "validate_args": False}
         classes = {
             "accuracy": MulticlassAccuracy,
             "f1_score": MulticlassF1Score,

@@ -38,8 +38,8 @@ class Tracker:
     def resume(self, state: dict[str, Any]) -> None:
         """Called once at start when resuming from a checkpoint that saved `state()`."""
 
-    def finish(self, status: str) -> None:
-        """End the run: status is "FINISHED", "FAILED" or "KILLED"."""
+    def finish(self, status: str | None) -> None:
+        """End the run: "FINISHED", "FAILED" or "KILLED"; None keeps a reopened run's earlier status."""
 
 
 class MultiTracker(Tracker):
@@ -77,7 +77,7 @@ class MultiTracker(Tracker):
             if own is not None:
                 tracker.resume(own)
 
-    def finish(self, status: str) -> None:
+    def finish(self, status: str | None) -> None:
         """Finish every tracker even if one fails, so no backend is left open; then re-raise."""
         error: BaseException | None = None
         for tracker in self.trackers:

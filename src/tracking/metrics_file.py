@@ -56,7 +56,7 @@ class MetricsFile(Tracker):
         self._lines = len(kept)
         self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
 
-    def finish(self, status: str) -> None:
+    def finish(self, status: str | None) -> None:
         if not self._file.closed:
             self.commit()
             self._file.close()

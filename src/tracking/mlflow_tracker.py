@@ -65,6 +65,7 @@ class MlflowTracker(Tracker):
         self._tags = {str(k)[:_KEY_LENGTH]: str(v)[:_TAG_VALUE_LENGTH] for k, v in tags.items()}
         self._wanted_run_id = run_id
         self._run_id: str | None = None
+        self._status_before: str | None = None  # a reopened run's status, restored by finish(None)
         self._client: Any = None
         self._opened = threading.Event()
         self._off = False  # the store could not be opened: drop everything
@@ -152,22 +153,29 @@ class MlflowTracker(Tracker):
         self._tasks.put(done.set)
         return done.wait(timeout)
 
-    def finish(self, status: str) -> None:
+    def finish(self, status: str | None) -> None:
         """Send what is left, close the run and stop the worker, waiting at most a minute.
 
         A FAILED or KILLED run may be resumed from its last checkpoint, which logs the events after
         that checkpoint again; so only a FINISHED run (or one that never checkpointed) sends them.
+        `None` sends everything and gives a reopened run back the status it had, for work done on a
+        run after it ended (evaluating it on the test split).
         """
-        if status not in _STATUSES:
-            raise ValueError(f"MLflow run status must be one of {_STATUSES}, got {status!r}")
+        if status is not None and status not in _STATUSES:
+            raise ValueError(f"MLflow run status must be one of {_STATUSES} or None, got {status!r}")
         if self._finished:
             return
         self._finished = True
         with self._lock:
-            everything = status == "FINISHED" or self._covered is None
+            everything = status in ("FINISHED", None) or self._covered is None
             self._release = len(self._events) if everything else self._covered
         self._submit(self._send)
-        self._submit(lambda: self._client.set_terminated(self._run_id, status))
+        if status is None:
+            self._submit(
+                lambda: self._client.update_run(self._run_id, status=self._status_before or "FINISHED")
+            )
+        else:
+            self._submit(lambda: self._client.set_terminated(self._run_id, status))
         self._tasks.put(None)
         self._thread.join(_FINISH_TIMEOUT_S)
         if self._thread.is_alive():
@@ -226,6 +234,7 @@ class MlflowTracker(Tracker):
         if run.info.lifecycle_stage != "active":
             log.warning("MLflow: run %s was deleted; starting a new run", run_id)
             return None
+        self._status_before = run.info.status
         client.update_run(run_id, status="RUNNING")
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in self._tags.items()], synchronous=True)
         return run_id

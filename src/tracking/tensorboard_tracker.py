@@ -48,6 +48,6 @@ class TensorBoardTracker(Tracker):
         self._writer.close()
         self._writer = self._open(self._purge_step)
 
-    def finish(self, status: str) -> None:
+    def finish(self, status: str | None) -> None:
         self._writer.flush()
         self._writer.close()

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Several machines, NPROC processes on each, joined by torchrun's c10d rendezvous. Run it once per node:
+#
+#   ./multinode.sh [TORCHRUN_OPTIONS...] NNODES NPROC JOB_ID NODE_RANK HOST:PORT SCRIPT [ARGS...]
+#   node 0:  ./multinode.sh 2 8 exp42 0 node0.cluster:29500 train.py config/my_exp.yaml
+#   node 1:  ./multinode.sh 2 8 exp42 1 node0.cluster:29500 train.py config/my_exp.yaml
+#
+# JOB_ID: any string shared by the nodes of one job. HOST:PORT: a reachable address of node 0 and a
+# free port there; node 0 (NODE_RANK 0) hosts the rendezvous, the others connect to it. Options before
+# NNODES (anything starting with --) go to torchrun unchanged.
+# Environment: MAX_RESTARTS (default 0), OMP_NUM_THREADS (default: cores / NPROC), PYTHON.
+set -euo pipefail
+
+usage() {
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+}
+
+opts=()
+while [[ $# -gt 0 && "$1" == --* ]]; do
+    [[ "$1" == "--help" ]] && usage
+    opts+=("$1")
+    shift
+done
+[[ $# -ge 6 ]] || usage
+nnodes="$1" procs="$2" job_id="$3" node_rank="$4" endpoint="$5"
+shift 5
+for pair in "NNODES:$nnodes" "NPROC:$procs"; do
+    [[ "${pair#*:}" =~ ^[1-9][0-9]*$ ]] || { echo "multinode.sh: ${pair%%:*} must be a positive number, got '${pair#*:}'" >&2; exit 2; }
+done
+[[ "$node_rank" =~ ^[0-9]+$ && "$node_rank" -lt "$nnodes" ]] \
+    || { echo "multinode.sh: NODE_RANK must be 0..$((nnodes - 1)), got '$node_rank'" >&2; exit 2; }
+[[ "$endpoint" == *:* ]] || { echo "multinode.sh: HOST:PORT expected, got '$endpoint'" >&2; exit 2; }
+
+python="${PYTHON:-$(command -v python || command -v python3)}"
+if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
+    cores="$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)"
+    threads=$((cores / procs))
+    export OMP_NUM_THREADS=$((threads > 0 ? threads : 1))
+fi
+is_host=false
+[[ "$node_rank" == 0 ]] && is_host=true
+
+# Global ranks are handed out by the rendezvous, so the node holding rank 0 (the one that writes the
+# result directory) need not be node 0: keep `output` on a file system every node sees.
+exec "$python" -m torch.distributed.run \
+    --nnodes="$nnodes" \
+    --nproc-per-node="$procs" \
+    --rdzv-backend=c10d \
+    --rdzv-id="$job_id" \
+    --rdzv-endpoint="$endpoint" \
+    --rdzv-conf="is_host=$is_host" \
+    --max-restarts="${MAX_RESTARTS:-0}" \
+    ${opts[@]+"${opts[@]}"} \
+    "$@"

@@ -1,0 +1,52 @@
+"""Print the resolved config of an experiment: python script/show_config.py CONFIG [key=value ...] [--sources]
+
+--sources shows, beside each value, the file (or the command line, or the schema default) that set it.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--sources", action="store_true", help="show which file or override set each value")
+    args = parser.parse_args()
+    from omegaconf import OmegaConf
+
+    from src.config import load_config_with_sources
+    from src.errors import ConfigError
+
+    try:
+        cfg, sources = load_config_with_sources(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not args.sources:
+        print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+        return 0
+    flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    width = max(len(k) for k in flat)
+    for key, value in flat.items():
+        print(f"{key.ljust(width)}  {value!s:<30}  # {sources.get(key, 'default')}")
+    return 0
+
+
+def _flatten(node, prefix=""):
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
