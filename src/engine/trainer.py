@@ -60,6 +60,8 @@ class TrainState:
     global_step: int = 0  # optimizer steps so far
     epoch_loss_sum: float = 0.0  # this epoch's summed train loss over the batches done
     epoch_samples: int = 0
+    window_loss_sum: float = 0.0  # the unlogged part of the current logging window, summed over ranks
+    window_samples: int = 0
     best_value: float | None = None
     best_epoch: int = 0
     top_k: list[list[Any]] = field(default_factory=list)  # [value, file name], best first
@@ -150,8 +152,11 @@ class Trainer:
                 cfg.dataloader.drop_last,
             )
             n_batches = 1 if debug else len(sizes)
-            window_loss = torch.zeros((), device=ctx.device, dtype=torch.float64)
-            window_samples, window_steps, window_start = 0, 0, time.perf_counter()
+            # A resumed run continues the logging window the checkpoint was saved in (rank 0 holds the sum).
+            carried = ctx.is_main and st.batches_done > 0
+            window_loss = torch.full((), st.window_loss_sum if carried else 0.0, device=ctx.device, dtype=torch.float64)
+            window_samples = st.window_samples if carried else 0
+            window_steps, window_start = 0, time.perf_counter()
             data_wait = 0.0
             grad_norm: torch.Tensor | None = None
             bar = self._progress(n_batches - st.batches_done, f"epoch {epoch + 1}/{epochs}")
@@ -224,12 +229,12 @@ class Trainer:
                 else:
                     stop = self.stop.requested
                 if stop:
-                    self._save(extra_names=[], reason=f"{self.stop.signal_name or 'stop request'}")
+                    self._save([], f"{self.stop.signal_name or 'stop request'}", (window_loss, window_samples))
                     bar.close()
                     return self._preempted()
                 every = int(cfg.checkpoint.save_every_n_steps)
                 if every and st.global_step % every == 0 and i < n_batches:
-                    self._save(extra_names=[], reason=f"step {st.global_step}")
+                    self._save([], f"step {st.global_step}", (window_loss, window_samples))
             bar.close()
             if window_samples:  # the epoch's last, partial logging window
                 metrics = self._window_metrics(
@@ -422,9 +427,16 @@ class Trainer:
         return st.stale_epochs >= int(es.patience)
 
     # ------------------------------------------------------------------ checkpoints
-    def _save(self, extra_names: list[str], reason: str) -> None:
+    def _save(self, extra_names: list[str], reason: str, window: tuple[torch.Tensor, int] | None = None) -> None:
         """Write last.pth (+ extra names) on rank 0; under FSDP also the sharded DCP folder."""
         cfg, ctx, st = self.cfg, self.ctx, self.state
+        st.window_loss_sum, st.window_samples = 0.0, 0
+        if window is not None:  # mid-epoch: keep the unlogged losses so the resumed log window is whole
+            totals = torch.stack([window[0].double(), torch.tensor(float(window[1]), dtype=torch.float64, device=window[0].device)])
+            if ctx.distributed:
+                totals = totals.to(ctx.device if ctx.device.type == "cuda" else "cpu")
+                dist_utils.all_reduce_sum(totals)
+            st.window_loss_sum, st.window_samples = totals[0].item(), int(totals[1].item())
         set_optimizer_mode(self.optimizer, False)  # schedule-free: save the evaluation weights
         rng = dist_utils.all_gather_object(capture_rng())
         state: dict[str, Any] = {
