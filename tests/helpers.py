@@ -54,3 +54,60 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def explain(proc: subprocess.CompletedProcess) -> str:
     return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+
+
+def start_script(script: str, *args: str, log_file: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start `python <script> args...` in the background, its output going to `log_file` (a pipe could fill up)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    with open(log_file, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / script), *args],
+            cwd=ROOT,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def logged_steps(output: Path) -> list[int]:
+    """Global steps of the train_loss events in the metrics.jsonl of the one run under `output` (complete lines)."""
+    files = list(Path(output).glob("*/*/metrics.jsonl"))
+    if not files:
+        return []
+    lines = files[0].read_text().splitlines(keepends=True)
+    events = [json.loads(line) for line in lines if line.endswith("\n") and line.strip()]
+    return [e["step"] for e in events if "train_loss" in e]
+
+
+def wait_for_step(proc: subprocess.Popen, output: Path, step: int, timeout: float = 180.0) -> None:
+    """Block until the run has logged `step` (so a signal sent now lands right after it)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before logging step {step}")
+        if step in logged_steps(output):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} was not logged within {timeout:.0f} s")
+
+
+def state_differences(a: object, b: object, where: str = "") -> list[str]:
+    """Paths inside two nested checkpoint structures whose tensors or values are not identical."""
+    import torch
+
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+        return [] if same else [where or "/"]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{where}: keys {sorted(set(a) ^ set(b), key=str)}"]
+        return [d for k in a for d in state_differences(a[k], b[k], f"{where}/{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        return [
+            d
+            for i, (x, y) in enumerate(zip(a, b, strict=True))
+            for d in state_differences(x, y, f"{where}[{i}]")
+        ]
+    return [] if a == b else [f"{where}: {a!r} != {b!r}"]

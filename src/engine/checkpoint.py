@@ -76,6 +76,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def remove_partial_writes(folder: Path) -> None:
+    """Delete what a save cut short left behind (its temporary file, staged links); never a checkpoint."""
+    for path in [*folder.glob(".tmp-*.pth"), *folder.glob(".*.pth.*.link")]:
+        log.warning("removing %s, left by a checkpoint write that did not finish", path)
+        path.unlink(missing_ok=True)
+
+
 def newest_valid_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]] | None:
     """The most recent checkpoint in `folder` that loads; damaged newer ones are skipped with a warning."""
     if not folder.is_dir():

@@ -95,6 +95,12 @@ def setup(cfg: Any) -> DistContext:
 
     if kind == "cuda":
         if torchrun:
+            if 1 < len(ids) < local_world:
+                raise ConfigError(
+                    f"gpu.use={cfg.gpu.use} lists {len(ids)} GPUs but torchrun starts {local_world} processes per "
+                    "node; list one GPU per process, or start as many processes as GPUs listed"
+                )
+            # One id per local rank when listed; the default single id means "one GPU per local rank".
             index = ids[local_rank] if len(ids) >= local_world else local_rank
             if index >= torch.cuda.device_count():
                 raise ConfigError(
@@ -118,12 +124,33 @@ def setup(cfg: Any) -> DistContext:
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
         if not dist.is_initialized():
+            timeout = datetime.timedelta(minutes=int(cfg.distributed.timeout_minutes))
+            store = restart_safe_store(timeout) if torchrun else None
             dist.init_process_group(
                 backend=backend,
-                timeout=datetime.timedelta(minutes=int(cfg.distributed.timeout_minutes)),
+                timeout=timeout,
                 device_id=device if kind == "cuda" else None,
+                store=store,
+                rank=rank if store is not None else -1,
+                world_size=world if store is not None else -1,
             )
     return ctx
+
+
+def restart_safe_store(timeout: datetime.timedelta) -> dist.Store | None:
+    """The torchrun agent's store under a per-attempt prefix (single node), so restarts do not meet stale keys.
+
+    torchrun shares its TCPStore with the workers and keeps it across `--max-restarts`; without a
+    prefix a restarted worker can read a dead peer's address from the previous attempt and fail to
+    connect (pytorch/pytorch#135712). Across nodes the restart count may differ between agents, so
+    there the default is kept; set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for the agents instead.
+    """
+    env = os.environ
+    single_node = env.get("LOCAL_WORLD_SIZE") == env.get("WORLD_SIZE")
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not single_node:
+        return None
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"template/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def cleanup() -> None:

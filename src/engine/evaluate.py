@@ -80,11 +80,13 @@ def evaluate(
     channels_last: bool = False,
     max_batches: int | None = None,
     collect: list | None = None,
+    bar: Any = None,
 ) -> dict[str, float]:
     """`<phase>_loss` and `<phase>_<metric>` over this rank's `num_valid` real samples, summed over ranks.
 
     Every rank runs the same number of batches (the sampler pads), so FSDP's collectives line up;
-    the padded duplicates at the end are dropped before they are counted.
+    the padded duplicates at the end are dropped before they are counted. `bar` (a `Progress`) advances
+    once per batch.
     """
     was_training = model.training
     model.eval()
@@ -95,6 +97,8 @@ def evaluate(
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
+        if bar is not None:
+            bar.update(1)
         inputs, targets = split_batch(batch)
         inputs = to_device(inputs, device, channels_last)
         targets = to_device(targets, device)

@@ -23,7 +23,10 @@ def prepare_model(model: nn.Module, cfg: Any, ctx: DistContext) -> tuple[nn.Modu
     if cfg.model.get("gradient_checkpointing", False):
         enable_activation_checkpointing(model)
     if ctx.strategy == "ddp" and cfg.distributed.sync_batchnorm:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if ctx.device.type == "cpu":  # torch's SyncBatchNorm only runs on accelerators
+            log.warning("distributed.sync_batchnorm is ignored on CPU: BatchNorm statistics stay per process")
+        else:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     raw = model
     if ctx.strategy == "fsdp":
         shard_fsdp2(model, cfg, ctx)
@@ -109,7 +112,7 @@ def shard_fsdp2(model: nn.Module, cfg: Any, ctx: DistContext) -> None:
         if dtype
         else MixedPrecisionPolicy(),
     }
-    if dcfg.cpu_offload:
+    if dcfg.cpu_offload and device_type != "cpu":  # on a CPU run the parameters already live there
         kwargs["offload_policy"] = CPUOffloadPolicy()
     names = set(dcfg.fsdp_modules)
     if names:
@@ -124,7 +127,9 @@ def shard_fsdp2(model: nn.Module, cfg: Any, ctx: DistContext) -> None:
     for block in blocks:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
-    log.info("FSDP2: %d block(s) sharded (%s), mesh %s", len(blocks), strategy, tuple(mesh.shape))
+    offload = ", CPU offload" if "offload_policy" in kwargs else ""
+    extras = (f", {dtype} parameters" if dtype else "") + offload
+    log.info("FSDP2: %d block(s) sharded (%s%s), mesh %s", len(blocks), strategy, extras, tuple(mesh.shape))
 
 
 def _large_leafmost_blocks(model: nn.Module, min_params: int) -> list[nn.Module]:

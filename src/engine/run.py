@@ -47,6 +47,8 @@ def train_main(config_path: str | Path, overrides: list[str]) -> int:
         save_config(cfg, run_dir)
     setup_logging(run_dir / "train.log", ctx.rank, debug=bool(cfg.debug))
     log.info("result directory: %s", run_dir)
+    if ctx.is_main:  # summary.txt marks a finished run; a resumed one is not finished until it says so again
+        (run_dir / "summary.txt").unlink(missing_ok=True)
     trainer = Trainer(cfg, ctx, run_dir, resume)
     started = time.time()
     status = "FAILED"
@@ -57,6 +59,9 @@ def train_main(config_path: str | Path, overrides: list[str]) -> int:
             return trainer.stop.exit_code
         metrics = run_test(cfg, ctx, run_dir, checkpoint=None, trackers=trainer.trackers)
         status = "FINISHED"
+        marker = elastic_marker(cfg)
+        if marker is not None and ctx.local_rank == 0:
+            marker.unlink(missing_ok=True)  # done: nothing left for a torchrun restart to resume
         if ctx.is_main:
             _write_summary(cfg, run_dir, trainer, metrics, time.time() - started)
         return 0
@@ -76,7 +81,8 @@ def train_main(config_path: str | Path, overrides: list[str]) -> int:
         if trainer.trackers is not None:
             trainer.trackers.finish(status)
         if status == "FAILED":
-            log.error("the run FAILED; checkpoints kept in %s", run_dir / "checkpoints")
+            log.error("the run FAILED; checkpoints kept in %s; after a fix, resume with: python train.py %s",
+                      run_dir / "checkpoints", run_dir / "config.yaml")  # fmt: skip
         dist_utils.cleanup()
 
 
@@ -131,7 +137,7 @@ def _plan(
                 new,
                 " (allowed explicitly)" if (key, old, new) in harmful else "",
             )
-        state = find_resume_state(run_dir)
+        state = find_resume_state(run_dir, tidy=ctx.is_main)
         if state is None and cfg.checkpoint.resume_from:
             state = _warm_state(cfg)
         elif state is None:
@@ -140,15 +146,24 @@ def _plan(
             )
         _check_world_size(state, ctx, cfg)
         return run_dir, state, False
-    if restarted and marker is not None and marker.is_file():  # torchrun restarted a failed worker group
-        run_dir = Path(marker.read_text().strip())
-        log.warning("torchrun restart %s: resuming %s", os.environ.get("TORCHELASTIC_RESTART_COUNT"), run_dir)
-        return run_dir, find_resume_state(run_dir), False
+    if restarted:  # torchrun restarted a failed worker group: rank 0's marker names the run to resume
+        found = (
+            marker.read_text().strip() if ctx.is_main and marker is not None and marker.is_file() else None
+        )
+        found = dist_utils.broadcast_object(found)
+        if found:
+            run_dir = Path(found)
+            log.warning(
+                "torchrun restart %s: resuming %s", os.environ.get("TORCHELASTIC_RESTART_COUNT"), run_dir
+            )
+            return run_dir, find_resume_state(run_dir, tidy=ctx.is_main), False
     run_dir = new_run_dir(cfg) if ctx.is_main else None
     run_dir = Path(dist_utils.broadcast_object(str(run_dir) if run_dir else None))
-    if ctx.is_main and marker is not None:
+    if ctx.local_rank == 0 and marker is not None:  # one per node: the agent key differs between nodes
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(str(run_dir))
+        tmp = marker.with_name(f".{marker.name}.{os.getpid()}")
+        tmp.write_text(str(run_dir))
+        os.replace(tmp, marker)
     return run_dir, _warm_state(cfg) if cfg.checkpoint.resume_from else None, True
 
 
@@ -220,7 +235,7 @@ def _write_summary(
         f"run:        {run_dir}",
         f"epochs:     {st.epoch} ({st.global_step} optimizer steps)",
         f"best:       {best}",
-        f"wall time:  {seconds / 60:.1f} min",
+        f"wall time:  {_clock(seconds)} (this session)",
         "test:       " + ", ".join(f"{k}={v:.4f}" for k, v in test.items()),
         f"resume:     python train.py {run_dir}/config.yaml epoch=<more>",
         f"test again: python test.py {run_dir}/config.yaml",
@@ -229,3 +244,9 @@ def _write_summary(
     for line in lines:
         log.info(line)
     _ = json
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"

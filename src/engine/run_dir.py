@@ -96,8 +96,16 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def elastic_marker(cfg: DictConfig) -> Path | None:
-    """Under torchrun, a file naming this job's result directory, so a restarted worker finds it."""
+    """Under torchrun, a file naming this job's result directory, so a restarted worker finds it.
+
+    torchrun's default rendezvous id is the literal "none", shared by unrelated jobs; then the key
+    is the torchrun agent (host and pid), which stays the same across its restarts of the workers.
+    """
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
-    if not run_id or run_id == "none":
+    if not run_id:
         return None
+    if run_id == "none":
+        import socket
+
+        run_id = f"none-{socket.gethostname()}-{os.getppid()}"
     return Path(cfg.output) / ".elastic" / f"{_slug(run_id)}.txt"

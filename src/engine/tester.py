@@ -84,8 +84,7 @@ def run_test(
         if trackers is not None:
             step = int(state.get("progress", {}).get("global_step", 0))
             trackers.log_metrics(metrics, step=step, epoch=int(state.get("progress", {}).get("epoch", 0)))
-            for file in sorted(out.iterdir()):
-                trackers.log_artifact(file)
+            trackers.log_artifact(out)  # the whole folder, as test/ beside config.yaml
             if figure is not None:
                 trackers.log_figure("confusion_matrix", figure, step=step)
             trackers.commit()

@@ -37,6 +37,7 @@ from src.engine.checkpoint import (
     describe_mismatch,
     load_checkpoint,
     newest_valid_checkpoint,
+    remove_partial_writes,
     restore_rng,
 )
 from src.engine.distributed import DistContext
@@ -125,7 +126,8 @@ class Trainer:
         # --- resume: weights, optimizer, schedule, scaler, EMA, position, RNG of every rank
         if self.resume_state is not None:
             self._load_state(self.resume_state)
-        seed_per_rank(int(cfg.seed), ctx.rank, resumed=self.resume_state is not None)
+        restored = self.resume_state is not None and not self.resume_state.get("weights_only")
+        seed_per_rank(int(cfg.seed), ctx.rank, resumed=restored)
         self.trackers = self._start_trackers()
         self.stop.install(cfg.training.stop_signals)
         global_batch = int(cfg.batch) * ctx.world_size * accumulate
@@ -249,10 +251,12 @@ class Trainer:
             if val is not None and freq and ((epoch + 1) % freq == 0 or epoch + 1 == epochs):
                 set_optimizer_mode(optimizer, False)
                 eval_model = ema.module if ema is not None else model
+                val_bar = self._progress(1 if debug else len(val.loader), f"val {epoch + 1}/{epochs}")
                 metrics.update(
                     evaluate(eval_model, val.loader, val.sampler.num_valid, loss_fn, evaluator, precision, ctx.device,
-                             "val", channels_last, max_batches=1 if debug else None)
+                             "val", channels_last, max_batches=1 if debug else None, bar=val_bar)
                 )  # fmt: skip
+                val_bar.close()
                 set_optimizer_mode(optimizer, True)
             if schedule is not None and schedule.interval == "epoch":
                 schedule.step(metrics.get(str(cfg.checkpoint.monitor)) if schedule.needs_metric else None)
@@ -332,7 +336,7 @@ class Trainer:
             return
         st = self.state
         if bar is not None and "train_loss" in metrics:
-            bar.update(0, loss=metrics["train_loss"], lr=metrics["lr"])
+            bar.update(0, loss=metrics["train_loss"], lr=metrics["lr"], samples_s=metrics["samples_per_sec"])
         if self.trackers is not None:
             self.trackers.log_metrics(metrics, step=st.global_step, epoch=st.epoch + 1)
         if self.ctx.is_main:
@@ -529,6 +533,9 @@ class Trainer:
 
     def _load_state(self, state: dict[str, Any]) -> None:
         ctx = self.ctx
+        if state.get("weights_only"):  # checkpoint.weights_only_resume: a new run from these weights
+            self._load_model_weights(state["model"], strict=False)
+            return
         if ctx.strategy == "fsdp" and state.get("dcp"):
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -583,7 +590,7 @@ class Trainer:
         fitting = {k: v for k, v in weights.items() if k in own and getattr(v, "shape", None) == own[k].shape}
         mismatch = describe_mismatch(model, weights)
         model.load_state_dict(fitting, strict=False)
-        log.info(
+        (log.warning if mismatch else log.info)(
             "loaded %d/%d tensors from %s%s",
             len(fitting),
             len(own),
@@ -641,7 +648,10 @@ def seed_per_rank(seed: int, rank: int, resumed: bool) -> None:
         seed_everything(seed + rank)
 
 
-def find_resume_state(run_dir: Path) -> dict[str, Any] | None:
+def find_resume_state(run_dir: Path, tidy: bool = False) -> dict[str, Any] | None:
+    """The newest checkpoint that loads; `tidy` (the resuming writer only) first drops unfinished writes."""
+    if tidy and (run_dir / "checkpoints").is_dir():
+        remove_partial_writes(run_dir / "checkpoints")
     found = newest_valid_checkpoint(run_dir / "checkpoints")
     if found is None:
         return None

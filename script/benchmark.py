@@ -1,0 +1,415 @@
+"""How much does the Trainer cost over a hand-written PyTorch loop? Measured, in one process.
+
+    python script/benchmark.py --preset mlp-cpu          # small MLP on the CPU
+    python script/benchmark.py --preset resnet18-cpu
+    python script/benchmark.py --preset resnet50-cuda    # bf16 + channels_last; needs CUDA
+
+Both loops train the same model on the same in-memory tensors with the same batch, optimizer
+(AdamW) and DataLoader settings, in alternating rounds. The Trainer runs through `train_main` with
+its defaults on: logging every 50 steps, TensorBoard, MLflow, the progress bar and a checkpoint at
+every epoch end; only validation is off, because the bare loop has none.
+
+Step time is read from the data itself: the dataset stamps the clock when a batch's first item is
+fetched, so the time between two stamps is one whole step (loading, forward, backward, optimizer,
+and whatever the loop does around them, epoch-end checkpoints included) for both loops alike. The
+first epoch of each run is warm-up and not counted. Then `python train.py` and a bare script are
+started as subprocesses to compare the time to the first finished step and the peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BASE_CONFIG = ROOT / "config" / "__base__" / "config.yaml"
+
+
+@dataclass
+class Preset:
+    device: str
+    model: dict[str, Any]
+    input_shape: tuple[int, ...]
+    batch: int
+    steps_per_epoch: int
+    epochs: int  # the first is warm-up
+    rounds: int
+    precision: str = "32"
+    channels_last: bool = False
+    num_classes: int = 10
+    bare_model: str = ""  # how the bare start-up script builds the same model
+    extra: list[str] = field(default_factory=list)  # further Trainer overrides
+
+
+PRESETS = {
+    "mlp-cpu": Preset(
+        device="cpu",
+        model={"name": "MLP", "in_features": 784, "hidden": [512, 256]},
+        input_shape=(1, 28, 28),
+        batch=64,
+        steps_per_epoch=200,
+        epochs=4,
+        rounds=5,
+        bare_model=(
+            "nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Dropout(0.0), nn.Linear(512, 256), "
+            "nn.ReLU(), nn.Dropout(0.0), nn.Linear(256, 10))"
+        ),
+    ),
+    "resnet18-cpu": Preset(
+        device="cpu",
+        model={"name": "resnet18"},
+        input_shape=(3, 32, 32),
+        batch=32,
+        steps_per_epoch=20,
+        epochs=3,
+        rounds=3,
+        bare_model="__import__('torchvision').models.resnet18(num_classes=10)",
+    ),
+    "resnet50-cuda": Preset(
+        device="cuda",
+        model={"name": "resnet50"},
+        input_shape=(3, 224, 224),
+        batch=64,
+        steps_per_epoch=40,
+        epochs=3,
+        rounds=3,
+        precision="bf16",
+        channels_last=True,
+        bare_model="__import__('torchvision').models.resnet50(num_classes=10)",
+    ),
+}
+
+
+# ---------------------------------------------------------------------- the shared data
+class Clock:
+    """Times at which each batch's first item was fetched, per run."""
+
+    def __init__(self) -> None:
+        self.batch = 1
+        self.stamps: list[float] = []
+        self._fetched = 0
+
+    def start(self, batch: int) -> None:
+        self.batch, self.stamps, self._fetched = batch, [], 0
+
+    def tick(self) -> None:
+        if self._fetched % self.batch == 0:
+            self.stamps.append(time.perf_counter())
+        self._fetched += 1
+
+
+CLOCK = Clock()
+DATA: dict[str, Any] = {}
+
+
+def register_dataset() -> None:
+    import torch
+    from torch.utils.data import Dataset
+
+    from src.data import DATASET_REGISTRY
+
+    class BenchmarkTensors(Dataset):
+        """The benchmark's in-memory tensors; the train split stamps the clock on every fetch."""
+
+        def __init__(self, split: str, transform: Any = None) -> None:
+            self.split = split
+            self.inputs, self.targets = DATA["inputs"], DATA["targets"]
+            if split != "train":  # a short test phase after training
+                self.inputs, self.targets = self.inputs[: DATA["batch"]], self.targets[: DATA["batch"]]
+            self.num_classes = DATA["num_classes"]
+
+        def __len__(self) -> int:
+            return len(self.targets)
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if self.split == "train":
+                CLOCK.tick()
+            return self.inputs[i], self.targets[i]
+
+    if "BenchmarkTensors" not in DATASET_REGISTRY:
+        DATASET_REGISTRY.register("BenchmarkTensors")(BenchmarkTensors)
+
+
+# ---------------------------------------------------------------------- the two loops
+def bare_loop(p: Preset, seed: int) -> None:
+    """What a researcher would write by hand: no logging, no checkpoints, no validation."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from src.data import DATASET_REGISTRY
+    from src.models import MODEL_REGISTRY
+
+    device = torch.device(p.device)
+    torch.manual_seed(seed)
+    model = MODEL_REGISTRY.build(p.model, num_classes=p.num_classes).to(device)
+    if p.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    dataset = DATASET_REGISTRY.build({"name": "BenchmarkTensors"}, split="train")
+    loader = DataLoader(dataset, batch_size=p.batch, shuffle=True, pin_memory=device.type == "cuda")
+    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(p.precision)
+    model.train()
+    for _ in range(p.epochs):
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if p.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+                loss = loss_fn(model(x), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def trainer_overrides(p: Preset, output: Path, dataset: str, seed: int) -> list[str]:
+    over = [
+        f"output={output}",
+        f"seed={seed}",
+        f"batch={p.batch}",
+        f"epoch={p.epochs}",
+        f"dataset.name={dataset}",
+        f"model.name={p.model['name']}",
+        *(f"model.{k}={v}" for k, v in p.model.items() if k != "name"),
+        "optimizer.name=AdamW",
+        "optimizer.lr=0.001",
+        "evaluation.frequency=0",
+        f"gpu.device={p.device}",
+        f"gpu.precision={p.precision}",
+        f"model.channels_last={str(p.channels_last).lower()}",
+        *p.extra,
+    ]
+    return [o.replace(" ", "") for o in over]
+
+
+def trainer_loop(p: Preset, output: Path, seed: int) -> Path:
+    from src.engine.run import train_main
+
+    code = train_main(BASE_CONFIG, trainer_overrides(p, output, "BenchmarkTensors", seed))
+    if code != 0:
+        raise SystemExit(f"the Trainer run failed with exit code {code}")
+    runs = sorted(output.glob("BenchmarkTensors/*/metrics.jsonl"), key=lambda f: f.stat().st_mtime)
+    return runs[-1].parent
+
+
+def steady_step_times(p: Preset) -> list[float]:
+    """Durations between consecutive batch starts, after the first (warm-up) epoch."""
+    stamps = CLOCK.stamps[p.steps_per_epoch :]
+    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+
+
+def peak_memory_gb(device: str) -> float | None:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return None
+
+
+def reset_peak(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+# ---------------------------------------------------------------------- time to first step
+BARE_SCRIPT = """\
+import time
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+torch.manual_seed(0)
+device = torch.device({device!r})
+x = torch.randn({n}, *{shape!r})
+y = torch.randint(0, 10, ({n},))
+loader = DataLoader(TensorDataset(x, y), batch_size={batch}, shuffle=True, pin_memory=device.type == "cuda")
+model = {model}.to(device)
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+loss_fn = nn.CrossEntropyLoss()
+for i, (xb, yb) in enumerate(loader):
+    loss = loss_fn(model(xb.to(device)), yb.to(device))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if i == 0:
+        print(f"first step done, loss={{loss.item():.4f}}", flush=True)
+"""
+
+
+def time_to_first_step(cmd: list[str], marker: str, cwd: Path) -> tuple[float, float]:
+    """(seconds from launch until `marker` appears in the output, peak RSS in GB of the whole run)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    seen, tail = None, []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        tail = [*tail[-20:], line]
+        if seen is None and marker in line:
+            seen = time.perf_counter() - start
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0 or seen is None:
+        raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{''.join(tail)}")
+    return seen, usage.ru_maxrss / 2**20  # Linux reports KiB
+
+
+def startup(p: Preset, rounds: int, work: Path) -> dict[str, list[float]]:
+    steps = 20
+    bare = work / "bare_first_step.py"
+    bare.write_text(
+        BARE_SCRIPT.format(
+            device=p.device, n=steps * p.batch, shape=p.input_shape, batch=p.batch, model=p.bare_model
+        )
+    )
+    shape = "[" + ",".join(str(d) for d in p.input_shape) + "]"
+    train_cmd = [
+        sys.executable,
+        "train.py",
+        str(BASE_CONFIG),
+        *trainer_overrides(p, work / "startup", "SyntheticClassification", 0),
+        f"dataset.input_shape={shape}",
+        f"dataset.train_size={steps * p.batch}",
+        f"dataset.test_size={p.batch}",
+        "epoch=1",
+        "logging.log_frequency=1",
+    ]
+    times: dict[str, list[float]] = {"bare": [], "train.py": [], "bare_rss": [], "train_rss": []}
+    for _ in range(rounds):
+        t, rss = time_to_first_step([sys.executable, str(bare)], "first step done", ROOT)
+        times["bare"].append(t)
+        times["bare_rss"].append(rss)
+        t, rss = time_to_first_step(train_cmd, "epoch 1 step 1:", ROOT)
+        times["train.py"].append(t)
+        times["train_rss"].append(rss)
+    return times
+
+
+# ---------------------------------------------------------------------- report
+def spread(values: list[float], unit: float = 1e3, fmt: str = "{:.3f}") -> str:
+    values = [v * unit for v in values]
+    return f"median {fmt.format(statistics.median(values))} (min {fmt.format(min(values))}, max {fmt.format(max(values))})"
+
+
+def machine() -> str:
+    import platform
+
+    import torch
+
+    where = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}"
+    if torch.cuda.is_available():
+        where += f", {torch.cuda.get_device_name()}"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{where}; load average {load:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="mlp-cpu")
+    parser.add_argument("--rounds", type=int, help="alternating rounds of bare loop and Trainer")
+    parser.add_argument("--steps", type=int, help="steps per epoch")
+    parser.add_argument("--epochs", type=int, help="epochs per run, the first being warm-up (>= 2)")
+    parser.add_argument("--startup-rounds", type=int, default=3, help="time-to-first-step runs; 0 skips")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads for the in-process loops")
+    args = parser.parse_args(argv)
+    p = PRESETS[args.preset]
+    p.rounds = args.rounds or p.rounds
+    p.steps_per_epoch = args.steps or p.steps_per_epoch
+    p.epochs = max(2, args.epochs or p.epochs)
+
+    import torch
+
+    if p.device == "cuda" and not torch.cuda.is_available():
+        print(f"preset {args.preset} needs a CUDA GPU and none is available here; try --preset mlp-cpu",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    register_dataset()
+    n = p.steps_per_epoch * p.batch
+    gen = torch.Generator().manual_seed(0)
+    DATA.update(
+        inputs=torch.randn(n, *p.input_shape, generator=gen),
+        targets=torch.randint(0, p.num_classes, (n,), generator=gen),
+        batch=p.batch,
+        num_classes=p.num_classes,
+    )
+    print(f"benchmark {args.preset}: {machine()}", flush=True)
+    print(f"  {p.rounds} rounds x {p.epochs} epochs x {p.steps_per_epoch} steps, batch {p.batch}", flush=True)
+
+    results: dict[str, list[float]] = {"bare": [], "trainer": [], "bare_median": [], "trainer_median": []}
+    memory: dict[str, list[float]] = {"bare": [], "trainer": []}
+    reported: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="benchmark_") as tmp:
+        work = Path(tmp)
+        for r in range(p.rounds):
+            for name in ("bare", "trainer"):
+                CLOCK.start(p.batch)
+                reset_peak(p.device)
+                if name == "bare":
+                    bare_loop(p, seed=r)
+                else:
+                    run = trainer_loop(p, work / "trainer", seed=r)
+                    reported += [m["step_time"] for m in read_jsonl(run / "metrics.jsonl") if "step_time" in m]
+                steps = steady_step_times(p)
+                results[name].append(statistics.fmean(steps))
+                results[f"{name}_median"].append(statistics.median(steps))
+                mem = peak_memory_gb(p.device)
+                if mem is not None:
+                    memory[name].append(mem)
+            ratio = results["trainer"][-1] / results["bare"][-1]
+            print(f"round {r + 1}: bare {results['bare'][-1] * 1e3:.3f} ms/step, "
+                  f"trainer {results['trainer'][-1] * 1e3:.3f} ms/step, ratio {ratio:.3f}", flush=True)  # fmt: skip
+        times = startup(p, args.startup_rounds, work) if args.startup_rounds else None
+
+    ratios = [t / b for t, b in zip(results["trainer"], results["bare"], strict=True)]
+    bare_mean, trainer_mean = statistics.median(results["bare"]), statistics.median(results["trainer"])
+    print(f"\n== {args.preset} ({machine()})")
+    print(f"bare loop step time    (mean per round, ms): {spread(results['bare'])}")
+    print(f"Trainer step time      (mean per round, ms): {spread(results['trainer'])}")
+    print(f"step-time ratio Trainer/bare: {trainer_mean / bare_mean:.3f}  "
+          f"(per round: {', '.join(f'{x:.3f}' for x in ratios)})")  # fmt: skip
+    typical = statistics.median(results["trainer_median"]) / statistics.median(results["bare_median"])
+    print(f"typical-step ratio (median step, epoch ends excluded): {typical:.3f}")
+    if reported:
+        print(f"Trainer's own logged step_time (ms): {spread(reported)}")
+    if memory["bare"]:
+        print(f"peak device memory (GB): bare {spread(memory['bare'], 1, '{:.2f}')}, "
+              f"Trainer {spread(memory['trainer'], 1, '{:.2f}')}")  # fmt: skip
+    if times:
+        over = [t - b for t, b in zip(times["train.py"], times["bare"], strict=True)]
+        print(f"time to first step (s): bare script {spread(times['bare'], 1, '{:.2f}')}, "
+              f"python train.py {spread(times['train.py'], 1, '{:.2f}')}")  # fmt: skip
+        print(f"train.py start-up overhead over the bare script (s): {spread(over, 1, '{:.2f}')}")
+        print(f"peak RSS of the whole short run (GB): bare script {spread(times['bare_rss'], 1, '{:.2f}')}, "
+              f"train.py {spread(times['train_rss'], 1, '{:.2f}')}")  # fmt: skip
+    return 0
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""DDP, FSDP2 and multi-node runs as users start them: ./torchrun.sh and ./multinode.sh, gloo on CPU.
+
+The reference is one process with batch 64. The sampler interleaves ranks (rank r takes global
+positions r, r+W, ...), so W processes with batch 64/W consume the same samples per step, and with
+a per-rank mean loss and averaged gradients the weights must agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import ROOT, explain, only_run_dir, read_metrics, run_script
+
+TOL = 1e-5
+EXPERIMENT = """\
+__base__: {root}/config/__base__/config.yaml
+seed: 0
+batch: 64
+model:
+  name: MLP
+  in_features: 16
+  hidden: [32, 32]
+dataset:
+  name: SyntheticClassification
+  input_shape: [16]
+  train_size: 256  # 4 steps of 64: no padding in training
+  val_size: 69     # odd: the second rank's last sample is a padded duplicate
+  test_size: 69
+optimizer:
+  name: SGD
+  lr: 0.1
+  momentum: 0.9   # optimizer state that FSDP must shard and reshard
+gpu:
+  device: cpu
+logging:
+  mlflow: false
+  tensorboard: false
+  log_frequency: 2
+"""
+
+# A model whose forward raises on rank 1 once training is under way (first attempt only), and
+# notes when it did, so the test can time how long the job takes to end after the failure.
+FAILING_MODEL = """\
+import os
+import time
+
+import torch
+from torch import nn
+
+from src.registry import MODEL_REGISTRY
+
+
+@MODEL_REGISTRY.register()
+class FailsOnRank1(nn.Module):
+    def __init__(self, num_classes: int = 10, in_features: int = 16) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_features, num_classes)
+        self.train_calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.train_calls += int(self.training)
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if os.environ.get("RANK") == "1" and first_attempt and self.train_calls == 6:  # epoch 2, step 2
+            with open(os.environ["FAIL_STAMP"], "w") as f:
+                f.write(str(time.time()))
+            raise RuntimeError("deliberate failure on rank 1")
+        return self.fc(x)
+"""
+
+
+def launcher_env(**extra: str) -> dict[str, str]:
+    """The launchers run this interpreter; nothing inherited may look like an enclosing torchrun job."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "MASTER_"))}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"):
+        env.pop(key, None)
+    return {**env, "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+def launch(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ./torchrun.sh (or another launcher given first) from the repository root.
+
+    The launcher leads its own process group, so a timeout ends its workers too, not only torchrun.
+    """
+    cmd = list(args) if args[0].startswith("./") else ["./torchrun.sh", *args]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env or launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert list(a) == list(b)
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("exp") / "mlp.yaml"
+    path.write_text(EXPERIMENT.format(root=ROOT))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(experiment, tmp_path_factory) -> Path:
+    """One process, batch 64, 4 epochs, a checkpoint kept after every epoch."""
+    out = tmp_path_factory.mktemp("reference")
+    proc = run_script("train.py", str(experiment), f"output={out}", "epoch=4", "checkpoint.save_frequency=1")
+    assert proc.returncode == 0, explain(proc)
+    run = only_run_dir(out)
+    assert "1 process(es)" in proc.stderr
+    return run
+
+
+def epoch_weights(reference: Path, epoch: int) -> dict[str, torch.Tensor]:
+    return weights(reference / "checkpoints" / f"epoch_{epoch:04d}.pth")
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(experiment, reference, tmp_path):
+    proc = launch("2", "train.py", str(experiment), f"output={tmp_path}", "batch=32", "epoch=2")
+    assert proc.returncode == 0, explain(proc)
+    assert "2 process(es)" in proc.stderr and "batch 32 per process, 64 global" in proc.stderr
+    run = only_run_dir(tmp_path)  # rank 0 alone made a directory, and every rank used it
+    assert max_diff(weights(run / "checkpoints/last.pth"), epoch_weights(reference, 2)) < TOL
+
+    # Validation over 69 samples on 2 ranks (one padded duplicate) counts each sample once.
+    ddp_val = [e for e in read_metrics(run) if "val_accuracy" in e]
+    ref_val = [e for e in read_metrics(reference) if "val_accuracy" in e][:2]
+    assert [e["val_accuracy"] for e in ddp_val] == [e["val_accuracy"] for e in ref_val]
+    assert [e["val_loss"] for e in ddp_val] == pytest.approx([e["val_loss"] for e in ref_val], abs=TOL)
+
+
+@pytest.mark.slow
+def test_test_py_under_torchrun_matches_one_process(reference):
+    single = json.loads((reference / "test/metrics.json").read_text())  # written by the 1-process run
+    proc = launch("2", "test.py", str(reference / "config.yaml"))
+    assert proc.returncode == 0, explain(proc)
+    distributed = json.loads((reference / "test/metrics.json").read_text())
+    assert distributed["test_accuracy"] == single["test_accuracy"]
+    assert distributed["test_loss"] == pytest.approx(single["test_loss"], abs=TOL)
+
+
+@pytest.mark.slow
+def test_fsdp_matches_one_process_and_resumes_at_other_world_sizes(experiment, reference, tmp_path):
+    fsdp = ["distributed.strategy=fsdp", "distributed.fsdp_min_params=100"]
+    proc = launch("2", "train.py", str(experiment), f"output={tmp_path}", "batch=32", "epoch=2", *fsdp)
+    assert proc.returncode == 0, explain(proc)
+    blocks = re.search(r"FSDP2: (\d+) block\(s\) sharded \(full_shard\), mesh \(2,\)", proc.stderr)
+    assert blocks and int(blocks.group(1)) == 3, proc.stderr[-3000:]  # the MLP's three Linear layers
+    run = only_run_dir(tmp_path)
+    last = torch.load(run / "checkpoints/last.pth", weights_only=True)
+    assert all(type(t) is torch.Tensor for t in last["model"].values())  # consolidated, not DTensor
+    shards = sorted(p.name for p in (run / "checkpoints" / last["dcp"]).glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own shard
+    assert max_diff(last["model"], epoch_weights(reference, 2)) < TOL
+
+    # One process: train.py makes a one-process group itself and reshards the DCP checkpoint.
+    change = "checkpoint.allow_config_change=true"
+    proc = run_script("train.py", str(run / "config.yaml"), "epoch=3", "batch=64", change)
+    assert proc.returncode == 0, explain(proc)
+    assert "resumed at epoch 3" in proc.stderr and "mesh (1,)" in proc.stderr
+    assert max_diff(weights(run / "checkpoints/last.pth"), epoch_weights(reference, 3)) < TOL
+
+    # And back to two processes.
+    proc = launch("2", "train.py", str(run / "config.yaml"), "epoch=4", "batch=32", change)
+    assert proc.returncode == 0, explain(proc)
+    assert "resumed at epoch 4" in proc.stderr and "mesh (2,)" in proc.stderr
+    assert max_diff(weights(run / "checkpoints/last.pth"), epoch_weights(reference, 4)) < TOL
+    assert only_run_dir(tmp_path) == run
+
+
+@pytest.mark.slow
+def test_multinode_agents_match_one_process(experiment, reference, tmp_path):
+    """Two nodes of one process each on localhost; batch 16 x 2 accumulation also exercises no_sync."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    args = [
+        str(experiment),
+        f"output={tmp_path}",
+        "batch=16",
+        "training.accumulate_grad_batches=2",
+        "epoch=2",
+    ]
+    logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
+    agents = [start_agent(node, endpoint, ["train.py", *args], logs[node]) for node in (0, 1)]
+    try:
+        codes = [agent.wait(timeout=300) for agent in agents]
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                kill_group(agent)
+    output = "\n".join(log.read_text() for log in logs)
+    assert codes == [0, 0], output[-6000:]
+    assert "batch 16 per process, 64 global (x2 accumulation)" in output
+    run = only_run_dir(tmp_path)
+    assert max_diff(weights(run / "checkpoints/last.pth"), epoch_weights(reference, 2)) < TOL
+
+
+def start_agent(node: int, endpoint: str, args: list[str], log: Path) -> subprocess.Popen:
+    """One ./multinode.sh agent (2 nodes, 1 process each), its output in `log` so no pipe fills up."""
+    with open(log, "w") as out:
+        cmd = ["./multinode.sh", "2", "1", "test_job", str(node), endpoint, *args]
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=launcher_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+@pytest.fixture
+def failing_model(tmp_path) -> dict[str, str]:
+    (tmp_path / "fails_on_rank1.py").write_text(FAILING_MODEL)
+    return launcher_env(PYTHONPATH=str(tmp_path), FAIL_STAMP=str(tmp_path / "failed_at"))
+
+
+def failing_run(experiment: Path, output: Path) -> list[str]:
+    return ["train.py", str(experiment), f"output={output}", "batch=32", "epoch=2",
+            "model=FailsOnRank1", "imports=[fails_on_rank1]"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_failing_rank_ends_the_job_promptly(experiment, failing_model, tmp_path):
+    proc = launch("2", *failing_run(experiment, tmp_path / "out"), env=failing_model)
+    ended = time.time()
+    assert proc.returncode != 0, explain(proc)
+    assert ended - float((tmp_path / "failed_at").read_text()) < 60
+    assert "deliberate failure on rank 1" in proc.stderr  # the failing rank's own error is shown
+    run = only_run_dir(tmp_path / "out")
+    assert "the run FAILED" in (run / "train.log").read_text()
+    assert (run / "checkpoints/last.pth").is_file()  # epoch 1's checkpoint is kept
+
+
+@pytest.mark.slow
+def test_torchrun_restart_resumes_the_same_run(experiment, failing_model, tmp_path):
+    proc = launch("--max-restarts=1", "2", *failing_run(experiment, tmp_path), env=failing_model)
+    assert proc.returncode == 0, explain(proc)
+    assert "deliberate failure on rank 1" in proc.stderr
+    run = only_run_dir(tmp_path)  # the restarted workers found the first attempt's directory
+    log = (run / "train.log").read_text()
+    assert "torchrun restart 1" in log and "resumed at epoch 2" in log
+    assert torch.load(run / "checkpoints/last.pth", weights_only=True)["progress"]["global_step"] == 8
+
+
+def test_launchers_reject_bad_arguments():
+    """Usage errors end in the shell scripts, before torchrun or Python start."""
+    proc = launch("./torchrun.sh", "two", "train.py")
+    assert proc.returncode == 2 and "NPROC must be a positive number" in proc.stderr
+    proc = launch("./torchrun.sh", "2")
+    assert proc.returncode == 2 and "torchrun.sh [TORCHRUN_OPTIONS...] NPROC SCRIPT" in proc.stderr
+    proc = launch("./multinode.sh", "2", "1", "job", "2", "127.0.0.1:29500", "train.py")
+    assert proc.returncode == 2 and "NODE_RANK must be 0..1" in proc.stderr
+    proc = launch("./multinode.sh", "2", "1", "job", "0", "127.0.0.1", "train.py")
+    assert proc.returncode == 2 and "HOST:PORT expected" in proc.stderr
