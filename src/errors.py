@@ -11,7 +11,12 @@ from collections.abc import Iterable
 
 
 class TemplateError(Exception):
+    """Base of the template's errors; the message is kept to one line whatever text it quotes."""
+
     exit_code = 1
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(one_line(str(message)))
 
 
 class ConfigError(TemplateError):
@@ -24,6 +29,13 @@ class RunError(TemplateError):
     """A failure while running (data missing, NaN loss, corrupt checkpoint): exit code 1."""
 
     exit_code = 1
+
+
+def one_line(text: str) -> str:
+    """`text` with line breaks and other control characters escaped, so an error stays on one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:

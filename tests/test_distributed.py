@@ -163,13 +163,11 @@ def test_ddp_two_processes_match_one_process(experiment, reference, tmp_path):
     assert [e["val_accuracy"] for e in ddp_val] == [e["val_accuracy"] for e in ref_val]
     assert [e["val_loss"] for e in ddp_val] == pytest.approx([e["val_loss"] for e in ref_val], abs=TOL)
 
-
-@pytest.mark.slow
-def test_test_py_under_torchrun_matches_one_process(reference):
-    single = json.loads((reference / "test/metrics.json").read_text())  # written by the 1-process run
-    proc = launch("2", "test.py", str(reference / "config.yaml"))
+    # The same for testing: the 2-process test at the end of training against test.py in one process.
+    distributed = json.loads((run / "test/metrics.json").read_text())
+    proc = run_script("test.py", str(run / "config.yaml"))
     assert proc.returncode == 0, explain(proc)
-    distributed = json.loads((reference / "test/metrics.json").read_text())
+    single = json.loads((run / "test/metrics.json").read_text())
     assert distributed["test_accuracy"] == single["test_accuracy"]
     assert distributed["test_loss"] == pytest.approx(single["test_loss"], abs=TOL)
 
@@ -267,8 +265,8 @@ def test_torchrun_restart_resumes_the_same_run(experiment, failing_model, tmp_pa
     assert proc.returncode == 0, explain(proc)
     assert "deliberate failure on rank 1" in proc.stderr
     run = only_run_dir(tmp_path)  # the restarted workers found the first attempt's directory
-    log = (run / "train.log").read_text()
-    assert "torchrun restart 1" in log and "resumed at epoch 2" in log
+    assert f"torchrun restart 1: resuming {run}" in proc.stderr
+    assert "resumed at epoch 2" in (run / "train.log").read_text()
     assert torch.load(run / "checkpoints/last.pth", weights_only=True)["progress"]["global_step"] == 8
 
 
@@ -282,3 +280,26 @@ def test_launchers_reject_bad_arguments():
     assert proc.returncode == 2 and "NODE_RANK must be 0..1" in proc.stderr
     proc = launch("./multinode.sh", "2", "1", "job", "0", "127.0.0.1", "train.py")
     assert proc.returncode == 2 and "HOST:PORT expected" in proc.stderr
+
+
+def test_slurm_example_starts_one_multinode_agent_per_node(tmp_path):
+    """The SLURM script's plumbing, with srun/scontrol stubs and a stand-in multinode.sh that echoes."""
+    stubs = {
+        "srun": 'while [[ "$1" == --* ]]; do shift; done\nSLURM_NODEID=1 exec "$@"',
+        "scontrol": "echo nodeA\necho nodeB",
+        "multinode.sh": 'echo "args: $*"\necho "threads: $OMP_NUM_THREADS"',
+    }
+    for name, body in stubs.items():
+        (tmp_path / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (tmp_path / name).chmod(0o755)
+    slurm = {"SLURM_JOB_NODELIST": "node[A-B]", "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2",
+             "SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_PER_TASK": "32"}  # fmt: skip
+    env = {**os.environ, **slurm, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "script/slurm_example.sh"), "config/my_exp.yaml", "batch=8"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 0, explain(proc)
+    # node rank from SLURM_NODEID, the rendezvous on the first node, a port from the job id
+    assert "args: 2 4 4242 1 nodeA:24242 train.py config/my_exp.yaml batch=8" in proc.stdout
+    assert "threads: 8" in proc.stdout

@@ -115,15 +115,24 @@ def _file_layers(path: Path, chain: tuple[Path, ...]) -> list[tuple[dict[str, An
         cycle = " -> ".join(str(p) for p in (*chain, key))
         raise ConfigError(f"cyclic __base__: {cycle}")
     data = read_yaml(path)
-    bases = data.pop("__base__", None) or []
     layers: list[tuple[dict[str, Any], str]] = []
-    for base in [bases] if isinstance(bases, str) else list(bases):
+    for base in _file_names(data.pop("__base__", None), "__base__", path):
         base_path = path.parent / str(base)
         if not base_path.is_file():
             raise ConfigError(f"__base__ '{base}' in {path} not found (looked for {base_path})")
         layers += _file_layers(base_path, (*chain, key))
     layers.append((_expand_imports(data, path), str(path)))
     return layers
+
+
+def _file_names(value: Any, key: str, path: Path) -> list[str]:
+    """`__base__`/`__import__` as a list of file names: one name, or a list of names."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
+        raise ConfigError(f"{key} in {path} must be a file name or a list of file names, got {value!r}")
+    return items
 
 
 def _expand_imports(node: Any, path: Path, section: str | None = None) -> Any:
@@ -135,7 +144,7 @@ def _expand_imports(node: Any, path: Path, section: str | None = None) -> Any:
     if imported is None:
         return node
     result: dict[str, Any] = {}
-    for item in [imported] if isinstance(imported, str) else list(imported):
+    for item in _file_names(imported, "__import__", path):
         file = path.parent / str(item)
         if not file.is_file():
             raise ConfigError(f"__import__ '{item}' in {path} not found (looked for {file})")
@@ -144,6 +153,8 @@ def _expand_imports(node: Any, path: Path, section: str | None = None) -> Any:
             section is not None and section in content
         ):  # a file holding `section: {...}` (maybe beside others)
             content = content[section]
+        if not isinstance(content, dict):
+            raise ConfigError(f"__import__ '{item}' in {path} must hold a mapping, got {content!r}")
         _merge(result, content)
     _merge(result, node)
     return result

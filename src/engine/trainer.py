@@ -7,6 +7,7 @@ The loss stays on the device; it is read every `logging.log_frequency` steps, th
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import math
@@ -91,6 +92,10 @@ class Trainer:
         clip = float(cfg.training.gradient_clip_norm)
         log_every = int(cfg.logging.log_frequency)
         channels_last = bool(cfg.model.get("channels_last", False))
+        # Read once: a config lookup costs microseconds, and the loop below runs per batch.
+        nan_skip = cfg.training.nan_policy == "skip"
+        save_every = int(cfg.checkpoint.save_every_n_steps)
+        distributed = ctx.distributed
 
         # --- data, model, loss, optimizer, schedule (same seed on every rank: identical initial weights)
         seed_everything(int(cfg.seed))
@@ -111,7 +116,7 @@ class Trainer:
         model, raw = prepare_model(model, cfg, ctx)
         self.model, self.raw = model, raw
         loss_fn = build_loss(cfg)
-        evaluator = build_evaluator(cfg, num_classes)
+        evaluator_job: concurrent.futures.Future | None = None  # started with the first batch, see below
         optimizer = build_optimizer(cfg.optimizer, raw)
         batches_per_epoch = 1 if debug else len(train.loader)
         steps_per_epoch = math.ceil(batches_per_epoch / accumulate)
@@ -162,7 +167,12 @@ class Trainer:
             data_wait = 0.0
             grad_norm: torch.Tensor | None = None
             bar = self._progress(n_batches - st.batches_done, f"epoch {epoch + 1}/{epochs}")
+            if evaluator_job is not None and train.loader.num_workers:
+                evaluator_job.result()  # never fork loader workers while another thread imports
             batches = iter(train.loader)
+            if evaluator_job is None and val is not None:
+                # torchmetrics takes seconds to import: build the evaluator beside the first steps.
+                evaluator_job = in_background(build_evaluator, cfg, num_classes)
             i = st.batches_done
             while i < n_batches:
                 t0 = time.perf_counter()
@@ -183,8 +193,8 @@ class Trainer:
                     outputs = model(inputs)
                     loss = total_loss(loss_fn(outputs, targets))
                 # Normalise by the samples in the whole window, so a short last window counts right.
-                scaler.scale(loss * (n / window_total)).backward()
-                window_loss += loss.detach().double() * n
+                scaler.scale(loss if n == window_total else loss * (n / window_total)).backward()
+                window_loss.add_(loss.detach(), alpha=n)
                 window_samples += n
                 i += 1
                 bar.update(1)
@@ -192,7 +202,7 @@ class Trainer:
                     continue
 
                 # --- optimizer step (end of an accumulation window)
-                if cfg.training.nan_policy == "skip" and not torch.isfinite(loss.detach()):
+                if nan_skip and not torch.isfinite(loss.detach()):  # a sync, only with nan_policy=skip
                     log.warning(
                         "non-finite loss at epoch %d step %d: step skipped", epoch + 1, st.global_step
                     )
@@ -223,10 +233,12 @@ class Trainer:
                         window_loss, window_samples, window_steps, window_start, data_wait, grad_norm
                     )
                     self._log(metrics, bar)
+                    if evaluator_job is not None and evaluator_job.done():
+                        evaluator_job.result()  # a bad evaluator setting stops the run now, not at validation
                     window_loss = torch.zeros_like(window_loss)
                     window_samples, window_steps, window_start, data_wait = 0, 0, time.perf_counter(), 0.0
                     stop = dist_utils.any_rank(self.stop.requested, ctx.device)
-                elif ctx.distributed:
+                elif distributed:
                     stop = False  # ranks agree at log steps only, so no collective on other steps
                 else:
                     stop = self.stop.requested
@@ -234,8 +246,7 @@ class Trainer:
                     self._save([], f"{self.stop.signal_name or 'stop request'}", (window_loss, window_samples))
                     bar.close()
                     return self._preempted()
-                every = int(cfg.checkpoint.save_every_n_steps)
-                if every and st.global_step % every == 0 and i < n_batches:
+                if save_every and st.global_step % save_every == 0 and i < n_batches:
                     self._save([], f"step {st.global_step}", (window_loss, window_samples))
             bar.close()
             if window_samples:  # the epoch's last, partial logging window
@@ -251,6 +262,8 @@ class Trainer:
             if val is not None and freq and ((epoch + 1) % freq == 0 or epoch + 1 == epochs):
                 set_optimizer_mode(optimizer, False)
                 eval_model = ema.module if ema is not None else model
+                assert evaluator_job is not None
+                evaluator = evaluator_job.result()
                 val_bar = self._progress(1 if debug else len(val.loader), f"val {epoch + 1}/{epochs}")
                 metrics.update(
                     evaluate(eval_model, val.loader, val.sampler.num_valid, loss_fn, evaluator, precision, ctx.device,
@@ -614,6 +627,14 @@ class Trainer:
             self.cfg, self.run_dir, getattr(self, "tracking_state", None), self.state.global_step
         )
         return trackers
+
+
+def in_background(fn: Any, *args: Any) -> concurrent.futures.Future:
+    """Run `fn(*args)` on a worker thread; `.result()` waits for it and re-raises its error."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="background-build")
+    job = pool.submit(fn, *args)
+    pool.shutdown(wait=False)
+    return job
 
 
 def load_checkpoint_or_weights(path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,308 @@
+"""Tracking end to end: real train.py runs read back with MLflow's client, TensorBoard's reader and a terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, TINY, explain, only_run_dir, read_metrics, run_script
+
+NO_TRACKERS = TINY[:2]  # logging.mlflow=false logging.tensorboard=false
+SMALL = TINY[2:]  # epoch=2 batch=16 and small splits: 4 optimizer steps per epoch
+
+
+def client_for(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def only_mlflow_run(uri: str, experiment: str = "SyntheticClassification"):
+    client = client_for(uri)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no experiment {experiment} in {uri}"
+    runs = client.search_runs([found.experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return client, runs[0]
+
+
+def saved_uri(run_dir: Path) -> str:
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text())["logging"]["mlflow_tracking_uri"]
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """One short run with MLflow and TensorBoard on, as the defaults have them."""
+    out = tmp_path_factory.mktemp("tracked")
+    proc = run_script(
+        "train.py", "config/dummy.yaml", f"output={out}", *SMALL, "logging.log_frequency=2",
+        env={"MLFLOW_TRACKING_URI": ""},
+    )  # fmt: skip
+    assert proc.returncode == 0, explain(proc)
+    return out, only_run_dir(out), proc
+
+
+# ---------------------------------------------------------------------- MLflow
+def test_mlflow_holds_the_finished_run(tracked, tmp_path):
+    out, run_dir, _ = tracked
+    uri = f"sqlite:///{out.resolve()}/mlflow.db"
+    assert saved_uri(run_dir) == uri  # the store in use is in the saved config
+    client, run = only_mlflow_run(uri)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == run_dir.name
+
+    events = read_metrics(run_dir)
+    val = [e for e in events if "val_accuracy" in e]
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert [(m.step, m.value) for m in history] == [(e["step"], e["val_accuracy"]) for e in val]
+    train = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in train] == [e["step"] for e in events if "train_loss" in e]
+    test = json.loads((run_dir / "test/metrics.json").read_text())
+    assert run.data.metrics["test_accuracy"] == test["test_accuracy"]
+
+    params = run.data.params
+    assert params["optimizer.lr"] == "0.003" and params["model.name"] == "SimpleCNN"
+    assert params["dataset.train_size"] == "64" and params["run_dir"] == str(run_dir)
+    tags = run.data.tags
+    assert tags["tag"] == "dummy" and tags["host"] == socket.gethostname()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    assert tags["git_commit"] == head and tags["git_dirty"] in ("true", "false")
+
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "test"} <= top
+    tested = {a.path for a in client.list_artifacts(run.info.run_id, "test")}
+    assert {"test/metrics.json", "test/classification_report.txt", "test/confusion_matrix.png"} <= tested
+    copy = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+    assert Path(copy).read_text() == (run_dir / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("failure", ["nan loss", "model raises"])
+def test_mlflow_marks_a_failed_run_failed(tmp_path, failure):
+    """NaN through the template's own check (RunError); an exception from user code mid-run (epoch 2)."""
+    out = tmp_path / "out"
+    if failure == "nan loss":  # the store from the environment this time
+        uri = f"sqlite:///{tmp_path}/from_env.db"
+        args = ["optimizer.name=SGD", "optimizer.lr=1e30", "logging.log_frequency=1"]
+        env = {"MLFLOW_TRACKING_URI": uri}
+    else:  # and from the config
+        uri = f"sqlite:///{tmp_path}/from_config.db"
+        (tmp_path / "exploding.py").write_text(EXPLODING)
+        args = [
+            "imports=[exploding]",
+            "model.name=ExplodingCNN",
+            "model.width=8",
+            f"logging.mlflow_tracking_uri={uri}",
+        ]
+        env = {"PYTHONPATH": str(tmp_path), "MLFLOW_TRACKING_URI": "sqlite:///nowhere/else.db"}
+    proc = run_script(
+        "train.py", "config/dummy.yaml", f"output={out}", *SMALL, "logging.tensorboard=false", *args, env=env
+    )
+    assert proc.returncode == 1, explain(proc)
+    run_dir = only_run_dir(out)
+    assert saved_uri(run_dir) == uri and not (out / "mlflow.db").exists()
+    client, run = only_mlflow_run(uri)
+    assert run.info.status == "FAILED"
+    assert "the run FAILED" in (run_dir / "train.log").read_text()
+    assert not (run_dir / "summary.txt").exists()
+    if failure == "model raises":  # the first epoch, checkpointed before the crash, is in MLflow
+        assert (run_dir / "checkpoints/last.pth").is_file()
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert [m.step for m in history] == [4]
+
+
+EXPLODING = textwrap.dedent(
+    '''
+    """A user's model that breaks in the middle of the second epoch."""
+    from src import MODEL_REGISTRY
+    from src.models.small import SimpleCNN
+
+
+    @MODEL_REGISTRY.register()
+    class ExplodingCNN(SimpleCNN):
+        calls = 0
+
+        def forward(self, x):
+            if self.training:
+                ExplodingCNN.calls += 1
+                if ExplodingCNN.calls == 6:  # 4 training steps per epoch
+                    raise RuntimeError("the user's model broke")
+            return super().forward(x)
+    '''
+)
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"train.py ended (exit {proc.returncode}) before the expected checkpoint")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for a checkpoint")
+        time.sleep(0.02)
+
+
+def mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.mark.slow
+def test_mlflow_run_survives_sigterm_and_sigkill_as_one_run(tmp_path):
+    """Stopped by SIGTERM (KILLED), resumed, killed outright, resumed again: one MLflow run, each step once."""
+    out = tmp_path / "out"
+    args = [
+        "config/dummy.yaml", f"output={out}", "epoch=3", "batch=16", "dataset.train_size=128", "dataset.val_size=32",
+        "dataset.test_size=32", "logging.log_frequency=1", "checkpoint.save_every_n_steps=2",
+        "logging.tensorboard=false",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": ""}
+
+    def start(*argv: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "train.py", *argv], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    def last() -> Path | None:
+        found = list(out.glob("*/*/checkpoints/last.pth"))
+        return found[0] if found else None
+
+    first = start(*args)
+    wait_for(lambda: last() is not None, first)
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=240)
+    assert first.returncode == 128 + signal.SIGTERM, err[-3000:]
+    run_dir = last().parents[1]
+    uri = saved_uri(run_dir)
+    client, run = only_mlflow_run(uri)
+    assert run.info.status == "KILLED"
+    run_id = run.info.run_id
+
+    before = mtime(run_dir / "checkpoints/last.pth")
+    second = start(str(run_dir / "config.yaml"))
+    wait_for(lambda: mtime(run_dir / "checkpoints/last.pth") not in (0, before), second)
+    second.kill()  # SIGKILL: no handler, no status update, events after the checkpoint lost
+    second.wait(timeout=60)
+    _, run = only_mlflow_run(uri)
+    assert run.info.run_id == run_id and run.info.status == "RUNNING"
+
+    proc = run_script("train.py", str(run_dir / "config.yaml"))
+    assert proc.returncode == 0, explain(proc)
+    client, run = only_mlflow_run(uri)
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    events = read_metrics(run_dir)
+    train_steps = [e["step"] for e in events if "train_loss" in e]
+    assert train_steps == list(range(1, 3 * 8 + 1))  # each step logged once in the run's own history
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == train_steps
+    val = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "val_accuracy"))
+    assert val == [(e["step"], e["val_accuracy"]) for e in events if "val_accuracy" in e]
+    assert [step for step, _ in val] == [8, 16, 24]
+
+
+# ---------------------------------------------------------------------- TensorBoard
+def test_tensorboard_event_files_hold_the_scalars_and_figure(tracked):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run_dir, _ = tracked
+    reader = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    reader.Reload()
+    tags = reader.Tags()
+    assert {"train_loss", "val_accuracy", "val_loss", "lr", "samples_per_sec", "train_epoch_loss"} <= set(
+        tags["scalars"]
+    )
+    events = read_metrics(run_dir)
+    for key in ("train_loss", "val_accuracy", "lr"):
+        expected = [(e["step"], e[key]) for e in events if key in e]
+        got = [(s.step, s.value) for s in reader.Scalars(key)]
+        assert [s for s, _ in got] == [s for s, _ in expected], key
+        assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-6), (
+            key
+        )  # stored as float32
+    assert "confusion_matrix" in tags["images"]
+
+
+# ---------------------------------------------------------------------- console, train.log, summary
+STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \| (INFO|WARNING|ERROR) \| ")
+
+
+def test_piped_output_is_plain_timestamped_lines_with_a_summary(tracked):
+    _, run_dir, proc = tracked
+    log = (run_dir / "train.log").read_text()
+    for text in (proc.stderr, log):
+        assert "\r" not in text and "\x1b[" not in text  # no bar redraws or terminal codes
+    assert all(STAMP.match(line) for line in log.splitlines())
+    assert sum(bool(STAMP.match(line)) for line in proc.stderr.splitlines()) >= 10
+    assert re.search(r"\| INFO \| epoch 1 step 2: train_loss=[\d.]+, lr=", log)
+
+    summary = (run_dir / "summary.txt").read_text()
+    val = [e for e in read_metrics(run_dir) if "val_loss" in e]
+    best = min(val, key=lambda e: e["val_loss"])  # checkpoint.monitor val_loss, mode min
+    assert f"val_loss = {best['val_loss']:.6g} at epoch {best['epoch']}" in summary
+    assert re.search(r"wall time:\s+\d+:\d\d:\d\d", summary)
+    assert f"python train.py {run_dir}/config.yaml" in summary
+    assert f"python test.py {run_dir}/config.yaml" in summary
+    assert summary.splitlines()[-1] in proc.stderr  # also shown at the end of the console output
+
+
+def run_in_terminal(argv: list[str], timeout: float = 300.0) -> str:
+    """Run a command with its stdout and stderr on a pseudo-terminal; everything it wrote there."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    main_fd, child_fd = pty.openpty()
+    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TERM": "xterm"}
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=child_fd, stderr=child_fd
+    )
+    os.close(child_fd)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                data = os.read(main_fd, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(main_fd)
+        if proc.poll() is None and time.monotonic() >= deadline:
+            proc.kill()
+        proc.wait(timeout=60)
+    text = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, text[-4000:]
+    return text
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pseudo-terminals as on Linux")
+def test_a_terminal_gets_progress_bars_for_training_and_validation(tmp_path):
+    text = run_in_terminal(
+        [sys.executable, "train.py", "config/dummy.yaml", f"output={tmp_path}", *NO_TRACKERS, *SMALL]
+    )
+    assert "\r" in text  # tqdm redraws its line in place
+    assert re.search(r"\repoch 1/2: +\d+%\|.*\| \d/4 \[.*it/s", text), text[-3000:]  # the training bar
+    assert re.search(r"\rval 2/2: +\d+%\|.*\| \d/2 \[.*it/s", text), text[-3000:]  # and validation's
+    assert re.search(r"\| INFO \| epoch 2 step 8: ", text)  # the log lines still come, between bar redraws
+    log = (only_run_dir(tmp_path) / "train.log").read_text()
+    assert "\r" not in log and "it/s" not in log  # the bar stays on the terminal
