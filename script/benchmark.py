@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import statistics
 import subprocess
@@ -93,19 +94,25 @@ PRESETS = {
 
 # ---------------------------------------------------------------------- the shared data
 class Clock:
-    """Times at which each batch's first item was fetched, per run."""
+    """Wall and main-thread CPU times at which each batch's first item was fetched, per run.
+
+    CPU time of the loop's own thread barely moves when other processes load the machine, so it
+    gives a steadier ratio on a shared machine; wall time is the truth on an idle one.
+    """
 
     def __init__(self) -> None:
         self.batch = 1
         self.stamps: list[float] = []
+        self.cpu_stamps: list[float] = []
         self._fetched = 0
 
     def start(self, batch: int) -> None:
-        self.batch, self.stamps, self._fetched = batch, [], 0
+        self.batch, self.stamps, self.cpu_stamps, self._fetched = batch, [], [], 0
 
     def tick(self) -> None:
         if self._fetched % self.batch == 0:
             self.stamps.append(time.perf_counter())
+            self.cpu_stamps.append(time.thread_time())
         self._fetched += 1
 
 
@@ -206,10 +213,10 @@ def trainer_loop(p: Preset, output: Path, seed: int) -> Path:
     return runs[-1].parent
 
 
-def steady_step_times(p: Preset) -> list[float]:
+def steady_step_times(p: Preset, cpu: bool = False) -> list[float]:
     """Durations between consecutive batch starts, after the first (warm-up) epoch."""
-    stamps = CLOCK.stamps[p.steps_per_epoch :]
-    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    stamps = (CLOCK.cpu_stamps if cpu else CLOCK.stamps)[p.steps_per_epoch :]
+    return [b - a for a, b in itertools.pairwise(stamps)]
 
 
 def peak_memory_gb(device: str) -> float | None:
@@ -315,7 +322,9 @@ def machine() -> str:
 
     import torch
 
-    where = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}"
+    where = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}"
+    )
     if torch.cuda.is_available():
         where += f", {torch.cuda.get_device_name()}"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -323,7 +332,9 @@ def machine() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="mlp-cpu")
     parser.add_argument("--rounds", type=int, help="alternating rounds of bare loop and Trainer")
     parser.add_argument("--steps", type=int, help="steps per epoch")
@@ -356,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"benchmark {args.preset}: {machine()}", flush=True)
     print(f"  {p.rounds} rounds x {p.epochs} epochs x {p.steps_per_epoch} steps, batch {p.batch}", flush=True)
 
-    results: dict[str, list[float]] = {"bare": [], "trainer": [], "bare_median": [], "trainer_median": []}
+    results: dict[str, list[float]] = {}
     memory: dict[str, list[float]] = {"bare": [], "trainer": []}
     reported: list[float] = []
     with tempfile.TemporaryDirectory(prefix="benchmark_") as tmp:
@@ -369,10 +380,13 @@ def main(argv: list[str] | None = None) -> int:
                     bare_loop(p, seed=r)
                 else:
                     run = trainer_loop(p, work / "trainer", seed=r)
-                    reported += [m["step_time"] for m in read_jsonl(run / "metrics.jsonl") if "step_time" in m]
+                    reported += [
+                        m["step_time"] for m in read_jsonl(run / "metrics.jsonl") if "step_time" in m
+                    ]
                 steps = steady_step_times(p)
-                results[name].append(statistics.fmean(steps))
-                results[f"{name}_median"].append(statistics.median(steps))
+                results.setdefault(name, []).append(statistics.fmean(steps))
+                results.setdefault(f"{name}_median", []).append(statistics.median(steps))
+                results.setdefault(f"{name}_cpu", []).append(statistics.fmean(steady_step_times(p, cpu=True)))
                 mem = peak_memory_gb(p.device)
                 if mem is not None:
                     memory[name].append(mem)
@@ -390,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
           f"(per round: {', '.join(f'{x:.3f}' for x in ratios)})")  # fmt: skip
     typical = statistics.median(results["trainer_median"]) / statistics.median(results["bare_median"])
     print(f"typical-step ratio (median step, epoch ends excluded): {typical:.3f}")
+    cpu = [t / b for t, b in zip(results["trainer_cpu"], results["bare_cpu"], strict=True)]
+    print(f"main-thread CPU time per step (ms): bare {spread(results['bare_cpu'])}, "
+          f"Trainer {spread(results['trainer_cpu'])}; ratio {statistics.median(cpu):.3f} "
+          f"(per round: {', '.join(f'{x:.3f}' for x in cpu)})")  # fmt: skip
     if reported:
         print(f"Trainer's own logged step_time (ms): {spread(reported)}")
     if memory["bare"]:

@@ -23,7 +23,8 @@ set -euo pipefail
 
 gpus_per_node="${SLURM_GPUS_ON_NODE:-4}"
 # The first node of the allocation hosts the rendezvous; the port only has to be free there.
-head_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")  # (not `| head -1`: SIGPIPE + pipefail)
+head_node="${nodes[0]}"
 endpoint="$head_node:$((20000 + SLURM_JOB_ID % 20000))"
 export OMP_NUM_THREADS="$((${SLURM_CPUS_PER_TASK:-$gpus_per_node} / gpus_per_node))"
 # Uncomment when NCCL picks the wrong network interface:

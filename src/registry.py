@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -35,7 +36,7 @@ class Registry:
     def get(self, name: str) -> Callable[..., Any]:
         if name not in self._items:
             raise ConfigError(
-                f"unknown {self.name} '{name}'{did_you_mean(name, self._items)}; "
+                f"unknown {self.name} '{name}'{did_you_mean(str(name), self._items)}; "
                 f"see `python script/show_registers.py` for every registered name"
             )
         return self._items[name]
@@ -76,11 +77,13 @@ class Registry:
 
 
 def check_arguments(obj: Callable, kwargs: Mapping[str, Any], context: Mapping[str, Any], where: str) -> None:
-    """Refuse unknown and missing keyword arguments before calling `obj`."""
+    """Refuse unknown, missing and plainly mistyped keyword arguments before calling `obj`."""
     try:
         sig = inspect.signature(obj)
     except (TypeError, ValueError):  # some builtins have no signature: let the call speak
         return
+    with contextlib.suppress(Exception):  # resolve `from __future__ import annotations` strings
+        sig = inspect.signature(obj, eval_str=True)
     params = sig.parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
@@ -89,7 +92,7 @@ def check_arguments(obj: Callable, kwargs: Mapping[str, Any], context: Mapping[s
             if key not in named:
                 accepted = sorted(named - set(context))
                 raise ConfigError(
-                    f"{where} has no argument '{key}'{did_you_mean(key, accepted)}; "
+                    f"{where} has no argument '{key}'{did_you_mean(str(key), accepted)}; "
                     f"it accepts: {', '.join(accepted) or 'nothing'}"
                 )
     missing = [
@@ -104,6 +107,40 @@ def check_arguments(obj: Callable, kwargs: Mapping[str, Any], context: Mapping[s
         raise ConfigError(
             f"{where} needs the argument(s) {', '.join(missing)}; add them to its config section"
         )
+    for key, value in kwargs.items():
+        expected = _simple_kinds(params[key].annotation) if key in params else None
+        if expected and value is not None and not _fits(value, expected):
+            names = " or ".join(k.__name__ for k in expected)
+            raise ConfigError(f"{where} rejected its arguments: '{key}' must be {names}, got {value!r}")
+
+
+_SIMPLE = (bool, int, float, str)
+
+
+def _simple_kinds(annotation: Any) -> tuple[type, ...] | None:
+    """The plain types an annotation allows (int, `float | None`, ...), or None when it is anything richer."""
+    import types
+    import typing
+
+    if annotation in _SIMPLE:
+        return (annotation,)
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return None
+    args = typing.get_args(annotation)
+    if all(a in _SIMPLE or a is type(None) for a in args):
+        return tuple(a for a in args if a is not type(None))
+    return None
+
+
+def _fits(value: Any, kinds: tuple[type, ...]) -> bool:
+    """Only plain mistakes count (text for a number, a list for a flag): anything else is left to the call."""
+    if isinstance(value, bool):
+        return True  # flags given to numbers stay the constructor's business
+    if isinstance(value, (int, float)):
+        return any(k in (int, float, bool) for k in kinds) or str in kinds
+    if isinstance(value, str):
+        return str in kinds
+    return False  # a list or mapping where a plain value belongs
 
 
 def _plain(section: Any) -> Any:

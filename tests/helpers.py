@@ -57,7 +57,7 @@ def explain(proc: subprocess.CompletedProcess) -> str:
 
 
 def start_script(script: str, *args: str, log_file: Path, env: dict | None = None) -> subprocess.Popen:
-    """Start `python <script> args...` in the background, its output going to `log_file` (a pipe could fill up)."""
+    """Start `python <script> args...` in the background, output to `log_file` (a pipe could fill up)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     with open(log_file, "w") as out:
         return subprocess.Popen(
@@ -70,7 +70,7 @@ def start_script(script: str, *args: str, log_file: Path, env: dict | None = Non
 
 
 def logged_steps(output: Path) -> list[int]:
-    """Global steps of the train_loss events in the metrics.jsonl of the one run under `output` (complete lines)."""
+    """Steps of the train_loss events in the metrics.jsonl of the one run under `output`."""
     files = list(Path(output).glob("*/*/metrics.jsonl"))
     if not files:
         return []

@@ -49,12 +49,16 @@ from src.registry import DATASET_REGISTRY, MODEL_REGISTRY
 
 @MODEL_REGISTRY.register()
 class ResumeNet(nn.Module):
-    """A small MLP with dropout; its forward can be slowed (RESUME_TEST_SLEEP) or crash (RESUME_TEST_CRASH)."""
+    """A small MLP with dropout; RESUME_TEST_SLEEP slows its forward, RESUME_TEST_CRASH kills it."""
 
     def __init__(self, num_classes: int = 10, in_features: int = 16, hidden: int = 32, dropout: float = 0.3):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+            nn.Flatten(),
+            nn.Linear(in_features, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
         )
         self.calls = 0
 
@@ -289,12 +293,12 @@ def two_epochs(setup, tmp_path_factory) -> Path:
 def test_resume_guard_refuses_changes_that_alter_the_run(setup, two_epochs):
     config = two_epochs / "config.yaml"
     before = (config.read_text(), (two_epochs / "metrics.jsonl").read_text())
-    proc = train(setup, config, two_epochs.parent.parent, "batch=8", "optimizer.lr=0.5")
+    refused = ["batch=8", "optimizer.lr=0.5", "dataloader.drop_last=true"]
+    proc = train(setup, config, two_epochs.parent.parent, *refused)
     assert proc.returncode == 2, explain(proc)
     message = proc.stderr.strip().splitlines()[-1]
-    assert (
-        "batch" in message and "optimizer.lr" in message and "checkpoint.allow_config_change=true" in message
-    )
+    assert "checkpoint.allow_config_change=true" in message, message
+    assert all(override.split("=")[0] in message for override in refused), message
     assert (config.read_text(), (two_epochs / "metrics.jsonl").read_text()) == before
     assert result_dirs(two_epochs.parent.parent) == [two_epochs]
 
@@ -345,9 +349,14 @@ def test_pretrained_weight_loads_only_weights_and_reports_key_differences(setup,
     weights["extra.weight"] = torch.zeros(3)
     path = tmp_path / "weights.pth"
     torch.save(weights, path)
-    # lr=1e-30: a step far below float32 resolution leaves the loaded weights bit-identical to read back.
+    # lr=1e-30: steps far below float32 resolution leave the loaded weights bit-identical.
     proc = train(
-        setup, "epochwise", tmp_path / "out", f"model.pretrained_weight={path}", "optimizer.lr=1e-30", "epoch=1"
+        setup,
+        "epochwise",
+        tmp_path / "out",
+        f"model.pretrained_weight={path}",
+        "optimizer.lr=1e-30",
+        "epoch=1",
     )
     assert proc.returncode == 0, explain(proc)
     report = next(line for line in (proc.stdout + proc.stderr).splitlines() if str(path) in line)

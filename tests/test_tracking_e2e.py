@@ -90,6 +90,7 @@ def test_mlflow_holds_the_finished_run(tracked, tmp_path):
     assert Path(copy).read_text() == (run_dir / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failure", ["nan loss", "model raises"])
 def test_mlflow_marks_a_failed_run_failed(tmp_path, failure):
     """NaN through the template's own check (RunError); an exception from user code mid-run (epoch 2)."""
@@ -106,6 +107,8 @@ def test_mlflow_marks_a_failed_run_failed(tmp_path, failure):
             "model.name=ExplodingCNN",
             "model.width=8",
             f"logging.mlflow_tracking_uri={uri}",
+            "evaluator.name=logging_evaluator",
+            "evaluator.num_classes=10",
         ]
         env = {"PYTHONPATH": str(tmp_path), "MLFLOW_TRACKING_URI": "sqlite:///nowhere/else.db"}
     proc = run_script(
@@ -122,13 +125,31 @@ def test_mlflow_marks_a_failed_run_failed(tmp_path, failure):
         assert (run_dir / "checkpoints/last.pth").is_file()
         history = client.get_metric_history(run.info.run_id, "val_accuracy")
         assert [m.step for m in history] == [4]
+        # and so is what the user's evaluator logged with mlflow.log_metric, as the guide shows
+        custom = client.get_metric_history(run.info.run_id, "custom_accuracy")
+        assert [m.value for m in custom] == [history[0].value]
 
 
 EXPLODING = textwrap.dedent(
     '''
-    """A user's model that breaks in the middle of the second epoch."""
-    from src import MODEL_REGISTRY
+    """A user's model that breaks in the middle of the second epoch, and an evaluator that logs to MLflow."""
+    import mlflow
+
+    from src import EVALUATOR_REGISTRY, MODEL_REGISTRY
+    from src.evaluators.classification import ClassificationEvaluator
     from src.models.small import SimpleCNN
+
+
+    @EVALUATOR_REGISTRY.register("logging_evaluator")
+    class LoggingEvaluator(ClassificationEvaluator):
+        def compute(self):
+            metrics = super().compute()
+            self.log_custom_metrics({"custom_accuracy": metrics["accuracy"]})
+            return metrics
+
+        def log_custom_metrics(self, metrics_dict):
+            for key, value in metrics_dict.items():
+                mlflow.log_metric(key, value)
 
 
     @MODEL_REGISTRY.register()
@@ -298,10 +319,13 @@ def run_in_terminal(argv: list[str], timeout: float = 300.0) -> str:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pseudo-terminals as on Linux")
 def test_a_terminal_gets_progress_bars_for_training_and_validation(tmp_path):
     text = run_in_terminal(
-        [sys.executable, "train.py", "config/dummy.yaml", f"output={tmp_path}", *NO_TRACKERS, *SMALL]
-    )
+        [sys.executable, "train.py", "config/dummy.yaml", f"output={tmp_path}", *NO_TRACKERS, *SMALL,
+         "logging.log_frequency=1"]
+    )  # fmt: skip
     assert "\r" in text  # tqdm redraws its line in place
     assert re.search(r"\repoch 1/2: +\d+%\|.*\| \d/4 \[.*it/s", text), text[-3000:]  # the training bar
+    # each log line redraws the bar below it with the values it just logged
+    assert re.search(r"\repoch 1/2: .*it/s, loss=[\d.]+, lr=[\d.e-]+, samples/s=[\d.]+\]", text), text[-3000:]
     assert re.search(r"\rval 2/2: +\d+%\|.*\| \d/2 \[.*it/s", text), text[-3000:]  # and validation's
     assert re.search(r"\| INFO \| epoch 2 step 8: ", text)  # the log lines still come, between bar redraws
     log = (only_run_dir(tmp_path) / "train.log").read_text()

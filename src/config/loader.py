@@ -61,9 +61,27 @@ def load_config_with_sources(
         check_keys(layer, origin)
         _merge(merged, layer)
         for key in _leaves(layer):
-            sources[key] = origin
+            parts = key.split(".")
+            for depth in range(1, len(parts) + 1):  # `tag=a: b` sets tag.a; an error about 'tag' names it too
+                sources[".".join(parts[:depth])] = origin
+    _check_interpolations(merged, sources)
     check_values(merged, sources)
     return OmegaConf.create(merged), sources
+
+
+def _check_interpolations(merged: dict[str, Any], sources: dict[str, str]) -> None:
+    """Resolve `${...}` interpolations once now, so a broken one is a config error, not a crash mid-run."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        OmegaConf.to_container(OmegaConf.create(merged), resolve=True)
+    except OmegaConfBaseException as err:
+        key = str(getattr(err, "full_key", "") or "?")
+        reason = str(getattr(err, "msg", "") or err).splitlines()[0]
+        raise ConfigError(
+            f"cannot resolve '{key}' (from {sources.get(key, 'default')}): {reason}; "
+            "fix the ${...} interpolation, or quote a literal '$' as '\\${'"
+        ) from None
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -77,16 +95,20 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
         try:
             value = yaml.load(text, Loader=_Loader) if text.strip() else ""
         except yaml.YAMLError as err:
-            raise ConfigError(
-                f"override '{item}': the value is not valid YAML ({_first_line(err)})"
-            ) from None
+            hint = "" if _refused_tag(err) else "; quote text, e.g. 'tag=\"a: b\"'"
+            raise ConfigError(f"override {item!r}: {_yaml_problem(err)}{hint}") from None
         node = result
         *parents, leaf = key.split(".")
+        if not parents and leaf in COMPONENT_SECTIONS and isinstance(value, str):
+            value = {"name": value}  # `dataset=CIFAR10 dataset.root=data` in either order
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}' conflicts with another override of '{part}'")
-        node[leaf] = value
+                raise ConfigError(f"override {item!r} conflicts with another override of '{part}'")
+        if isinstance(node.get(leaf), dict) and isinstance(value, dict):
+            node[leaf].update(value)
+        else:
+            node[leaf] = value
     return result
 
 
@@ -95,11 +117,14 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader)
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"YAML syntax error in {where}: {_first_line(err)}") from None
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        kind = "unsafe YAML" if _refused_tag(err) else "YAML syntax error"
+        raise ConfigError(f"{kind} in {where}: {_yaml_problem(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -206,11 +231,26 @@ def _check_dataclass_keys(layer: Mapping[str, Any], cls: type, prefix: str, orig
         elif key == "transform" and not prefix:
             if not isinstance(value, dict):
                 raise ConfigError(f"'transform' in {origin} must map train/val/test to lists")
-            for split in value:
+            for split, items in value.items():
                 if split not in ("train", "val", "test"):
                     raise ConfigError(
-                        f"unknown key 'transform.{split}' in {origin}{did_you_mean(split, ['train', 'val', 'test'])}"
+                        f"unknown key 'transform.{split}' in {origin}{did_you_mean(str(split), ['train', 'val', 'test'])}"
                     )
+                _check_transform_list(items, f"transform.{split}", origin)
+
+
+def _check_transform_list(items: Any, key: str, origin: str) -> None:
+    """A split's transforms: null, or a list of names and {name: ..., **kwargs} mappings."""
+    if items is None:
+        return
+    if not isinstance(items, list):
+        raise ConfigError(f"'{key}' in {origin} must be a list of transforms, got {items!r}")
+    for item in items:
+        name = item.get("name") if isinstance(item, dict) else item
+        if not isinstance(name, str) or not name:
+            raise ConfigError(
+                f"'{key}' in {origin}: each transform is a name or {{name: ..., arguments}}, got {item!r}"
+            )
 
 
 def check_values(cfg: dict[str, Any], sources: dict[str, str]) -> None:
@@ -243,6 +283,13 @@ def check_values(cfg: dict[str, Any], sources: dict[str, str]) -> None:
             value = cfg[section].get(key, default)
             if isinstance(default, bool) and not isinstance(value, bool):
                 raise ConfigError(f"'{section}.{key}' must be true or false, got {value!r}")
+    for section in COMPONENT_SECTIONS:
+        name = cfg[section].get("name")
+        if name is not None and not isinstance(name, str):
+            raise ConfigError(
+                f"'{section}.name' must be a registered name (a string), got {name!r} "
+                f"(from {sources.get(section + '.name', 'default')})"
+            )
     if not cfg["model"].get("name") or not cfg["dataset"].get("name"):
         raise ConfigError(
             "the config must name a model and a dataset, e.g. model: resnet18, dataset: CIFAR10"
@@ -345,8 +392,27 @@ def _get(cfg: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
-def _first_line(err: Exception) -> str:
-    return " ".join(str(err).split())[:200]
+def _refused_tag(err: yaml.YAMLError) -> bool:
+    """A `!!python/...` (or other unknown) tag that safe loading will not construct."""
+    return isinstance(err, yaml.constructor.ConstructorError) and "constructor for the tag" in str(
+        err.problem
+    )
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What went wrong in a YAML text, without PyYAML's multi-line excerpt of it."""
+    if not isinstance(err, yaml.MarkedYAMLError):
+        return " ".join(str(err).split())[:200]
+    problem = str(err.problem or err.context or "invalid YAML")
+    if _refused_tag(err):
+        tag = problem.split("tag", 1)[1].strip(" '").replace("tag:yaml.org,2002:", "!!")
+        return (
+            f"the tag '{tag}' is refused: configs are plain data (no Python objects) and load with safe YAML"
+        )
+    if err.context and err.problem:
+        at = f" at line {err.context_mark.line + 1}" if err.context_mark else ""
+        problem = f"{problem} ({err.context}{at})"
+    return " ".join(problem.split())
 
 
 def normalise_precision(value: str | None) -> str | None:

@@ -29,14 +29,33 @@ def import_user_modules(modules: list[str]) -> None:
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     for name in modules:
+        if not name or "/" in name or "\\" in name or name.endswith(".py"):
+            raise ConfigError(
+                f"imports: '{name}' is not a module name; write it the way Python imports it, e.g. mypkg.models"
+            )
         try:
             importlib.import_module(name)
-        except Exception as err:
-            where = traceback.extract_tb(err.__traceback__)[-1]
+        except ModuleNotFoundError as err:
+            if err.name is None or not (name == err.name or name.startswith(err.name + ".")):
+                raise _import_error(name, err) from None
             raise ConfigError(
-                f"imports: module '{name}' failed to import: {type(err).__name__}: {err} "
-                f"({Path(where.filename).name}:{where.lineno})"
+                f"imports: no module named '{err.name}' (searched the Python path, which includes {Path.cwd()}); "
+                "run from the folder that holds it, add that folder to PYTHONPATH, or pip install it"
             ) from None
+        except Exception as err:
+            raise _import_error(name, err) from None
+
+
+def _import_error(name: str, err: Exception) -> ConfigError:
+    """The user module's own error, pointing at its file and line (not at importlib's frames)."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith("<")]
+    if isinstance(err, SyntaxError):  # its message already names the file and line
+        where = ""
+    elif frames:
+        where = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno})"
+    else:
+        where = ""
+    return ConfigError(f"imports: module '{name}' failed to import: {type(err).__name__}: {err}{where}")
 
 
 def component_args(section: DictConfig | dict, kind: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -64,16 +65,29 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """`torch.load(weights_only=True)` with one clear error for a missing or damaged file."""
     path = Path(path)
     if not path.is_file():
-        raise RunError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, pickle error, foreign file
-        raise RunError(
-            f"checkpoint {path} is corrupt or truncated and cannot be loaded ({type(err).__name__})"
-        ) from None
+        folder = "" if path.parent.is_dir() else f" (the folder {path.parent} does not exist either)"
+        raise RunError(f"checkpoint not found: {path}{folder}")
+    state = safe_load(path)
     if not isinstance(state, dict) or "model" not in state:
         raise RunError(f"{path} is not a checkpoint of this template (no 'model' entry)")
     return state
+
+
+def safe_load(path: Path) -> Any:
+    """`torch.load(weights_only=True)`: tensors and plain data only, so a file cannot run code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, pickle error, foreign file, refused object
+        refused = re.search(r"GLOBAL (\S+)", str(err))
+        if refused:
+            raise RunError(
+                f"{path} was refused: it holds a Python object ({refused.group(1)}), not only tensors and "
+                "plain data, and loading it could run code; load checkpoints written by this template"
+            ) from None
+        raise RunError(
+            f"checkpoint {path} is corrupt or truncated and cannot be loaded ({type(err).__name__}); "
+            "use another checkpoint (previous.pth, best.pth) or rerun"
+        ) from None
 
 
 def remove_partial_writes(folder: Path) -> None:

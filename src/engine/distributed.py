@@ -138,7 +138,7 @@ def setup(cfg: Any) -> DistContext:
 
 
 def restart_safe_store(timeout: datetime.timedelta) -> dist.Store | None:
-    """The torchrun agent's store under a per-attempt prefix (single node), so restarts do not meet stale keys.
+    """The torchrun agent's store, with a prefix per attempt (one node) so restarts meet no stale keys.
 
     torchrun shares its TCPStore with the workers and keeps it across `--max-restarts`; without a
     prefix a restarted worker can read a dead peer's address from the previous attempt and fail to

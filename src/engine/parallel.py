@@ -20,8 +20,10 @@ def prepare_model(model: nn.Module, cfg: Any, ctx: DistContext) -> tuple[nn.Modu
     model = model.to(ctx.device)
     if cfg.model.get("channels_last", False):
         model = model.to(memory_format=torch.channels_last)
+        log.info("channels_last memory format for the weights and 4-D inputs")
     if cfg.model.get("gradient_checkpointing", False):
-        enable_activation_checkpointing(model)
+        blocks = enable_activation_checkpointing(model)
+        log.info("activation checkpointing: %s recomputed in backward", blocks)
     if ctx.strategy == "ddp" and cfg.distributed.sync_batchnorm:
         if ctx.device.type == "cpu":  # torch's SyncBatchNorm only runs on accelerators
             log.warning("distributed.sync_batchnorm is ignored on CPU: BatchNorm statistics stay per process")
@@ -50,7 +52,7 @@ def compile_model(model: nn.Module, cfg: Any) -> nn.Module:
     return torch.compile(model, mode=None if mode == "default" else mode, backend=backend)
 
 
-def enable_activation_checkpointing(model: nn.Module) -> None:
+def enable_activation_checkpointing(model: nn.Module) -> str:
     """Recompute activations of repeated blocks in backward, trading compute for memory.
 
     A model may offer `gradient_checkpointing_enable()`; otherwise every block held in an
@@ -58,7 +60,7 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     """
     if hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
-        return
+        return "the model's own blocks"
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         CheckpointImpl,
         apply_activation_checkpointing,
@@ -83,6 +85,7 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         checkpoint_wrapper_fn=lambda m: checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
         check_fn=lambda m: id(m) in blocks,
     )
+    return f"{len(blocks)} block(s)"
 
 
 def shard_fsdp2(model: nn.Module, cfg: Any, ctx: DistContext) -> None:
@@ -124,6 +127,13 @@ def shard_fsdp2(model: nn.Module, cfg: Any, ctx: DistContext) -> None:
             )
     else:
         blocks = _large_leafmost_blocks(model, int(dcfg.fsdp_min_params))
+    if dtype is not None:
+        # BatchNorm keeps fp32 weights to match its fp32 running statistics (batch_norm refuses a
+        # bf16 weight beside fp32 buffers); it still takes and returns the low-precision activations.
+        fp32 = {**kwargs, "mp_policy": MixedPrecisionPolicy(reduce_dtype=torch.float32)}
+        for norm in model.modules():
+            if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.affine:
+                fully_shard(norm, **fp32)
     for block in blocks:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)

@@ -1,14 +1,35 @@
-"""Mixed precision: which autocast dtype to use and whether fp16 needs a GradScaler."""
+"""Mixed precision and the arithmetic it buys: autocast dtype, GradScaler, backend switches, FLOPs and MFU."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from src.config.schema import PRECISIONS
+
+log = logging.getLogger("template")
+
+# Dense bf16/fp16 tensor-core peak of one GPU in TFLOP/s (vendor data sheets, no sparsity); the first
+# name contained in torch.cuda.get_device_name() wins, so specific names come before general ones.
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("RTX 4090", 165.0),
+    ("RTX 3090", 71.0),
+    ("V100", 125.0),
+    ("T4", 65.0),
+)
 
 
 @dataclass
@@ -49,3 +70,42 @@ def configure_backends(gpu_cfg: Any) -> None:
         torch.backends.cuda.matmul.allow_tf32 = bool(gpu_cfg.tf32)
         torch.backends.cudnn.allow_tf32 = bool(gpu_cfg.tf32)
         torch.backends.cudnn.benchmark = bool(gpu_cfg.cudnn_benchmark)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak FLOP/s of this GPU from PEAK_TFLOPS; None on CPUs and GPUs not in the table (no MFU then)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS:
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def train_flops_per_sample(
+    build: Callable[[], torch.nn.Module], sample: Any, batch: int, loss_fn: Any
+) -> float | None:
+    """FLOPs of forward + backward per sample, counted once on a meta-device copy of the model.
+
+    Meta tensors carry shapes but no data, so counting costs neither memory nor device time. A model
+    or loss that cannot run on meta tensors (it reads values, or holds real tensors) gives None.
+    """
+    from torch.utils.data import default_collate
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from src.engine.evaluate import split_batch, to_device, total_loss
+
+    meta = torch.device("meta")
+    try:
+        with meta:
+            model = build()
+        inputs, targets = split_batch(to_device(default_collate([to_device(sample, meta)] * batch), meta))
+        with FlopCounterMode(display=False) as counter:
+            total_loss(loss_fn(model(inputs), targets)).backward()
+    except Exception as err:  # only MFU is lost
+        log.info(
+            "MFU is not reported: counting FLOPs on the meta device failed (%s: %s)", type(err).__name__, err
+        )
+        return None
+    return counter.get_total_flops() / batch

@@ -70,8 +70,10 @@ def train_main(config_path: str | Path, overrides: list[str]) -> int:
         raise
     except TemplateError as err:
         log.error("run failed: %s", err)
-        if fresh and isinstance(err, ConfigError) and trainer.state.global_step == 0 and ctx.is_main:
+        # Failing in set-up (bad argument, missing data, unfit checkpoint) leaves no half-made directory.
+        if fresh and ctx.is_main and trainer.state.global_step == 0 and not trainer.ckpt_dir.exists():
             _discard(run_dir, trainer)
+            status = "DISCARDED"
         raise
     except Exception:
         log.exception("run failed")
@@ -137,6 +139,14 @@ def _plan(
                 new,
                 " (allowed explicitly)" if (key, old, new) in harmful else "",
             )
+        kept = [key for key, _, _ in harmful if key.startswith(("optimizer.", "lr_scheduler."))]
+        if kept:
+            log.warning(
+                "resume: %s changed, but the optimizer and schedule continue from the checkpoint's state, "
+                "which keeps the old values; to train with new ones start a new run from the weights: "
+                "checkpoint.resume_from=<checkpoint> checkpoint.weights_only_resume=true",
+                ", ".join(kept),
+            )
         state = find_resume_state(run_dir, tidy=ctx.is_main)
         if state is None and cfg.checkpoint.resume_from:
             state = _warm_state(cfg)
@@ -157,6 +167,8 @@ def _plan(
                 "torchrun restart %s: resuming %s", os.environ.get("TORCHELASTIC_RESTART_COUNT"), run_dir
             )
             return run_dir, find_resume_state(run_dir, tidy=ctx.is_main), False
+    # A bad resume_from file fails before any directory exists.
+    warm = _warm_state(cfg) if cfg.checkpoint.resume_from else None
     run_dir = new_run_dir(cfg) if ctx.is_main else None
     run_dir = Path(dist_utils.broadcast_object(str(run_dir) if run_dir else None))
     if ctx.local_rank == 0 and marker is not None:  # one per node: the agent key differs between nodes
@@ -164,7 +176,7 @@ def _plan(
         tmp = marker.with_name(f".{marker.name}.{os.getpid()}")
         tmp.write_text(str(run_dir))
         os.replace(tmp, marker)
-    return run_dir, _warm_state(cfg) if cfg.checkpoint.resume_from else None, True
+    return run_dir, warm, True
 
 
 def _warm_state(cfg: DictConfig) -> dict[str, Any]:
@@ -197,7 +209,7 @@ def _check_world_size(state: dict | None, ctx: Any, cfg: DictConfig) -> None:
 
 
 def _discard(run_dir: Path, trainer: Trainer) -> None:
-    """A configuration error before the first step leaves nothing behind."""
+    """A run that failed before its first step and checkpoint leaves nothing behind."""
     if trainer.trackers is not None:
         trainer.trackers.finish("FAILED")
         trainer.trackers = None
@@ -216,9 +228,11 @@ def _reopen_mlflow(cfg: DictConfig, run_dir: Path) -> Any:
         return None
     from src.tracking import MlflowTracker
 
-    return MlflowTracker(
+    tracker = MlflowTracker(
         cfg.logging.mlflow_tracking_uri, experiment_name(cfg), run_dir.name, tags={}, run_id=run_id
     )
+    tracker.make_active()
+    return tracker
 
 
 def _write_summary(

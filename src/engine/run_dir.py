@@ -12,8 +12,10 @@ from omegaconf import DictConfig, OmegaConf
 from src.errors import ConfigError
 
 # Settings that may change when a run is resumed: they do not alter what the run computes.
+# (dataloader.drop_last is not among them: it changes the batches of every epoch.)
 HARMLESS_ON_RESUME = (
-    "epoch", "debug", "logging.", "dataloader.", "evaluation.", "profiling.", "checkpoint.save_",
+    "epoch", "debug", "logging.", "evaluation.", "profiling.", "checkpoint.save_", "dataloader.num_workers",
+    "dataloader.pin_memory", "dataloader.persistent_workers", "dataloader.prefetch_factor",
     "checkpoint.allow_config_change", "checkpoint.monitor", "checkpoint.mode", "training.early_stopping.",
     "training.stop_signals", "training.nan_policy", "distributed.timeout_minutes", "distributed.backend",
     "gpu.use", "gpu.device", "run_dir",

@@ -36,11 +36,11 @@ def start_trackers(cfg: DictConfig, run_dir: Path, saved: dict | None, step: int
     if cfg.logging.mlflow:
         tags = {"tag": str(cfg.tag), "run_dir": str(run_dir), "host": socket.gethostname(), **_git_tags()}
         run_id = saved.get("MlflowTracker", {}).get("run_id")
-        trackers.append(
-            MlflowTracker(
-                cfg.logging.mlflow_tracking_uri, experiment_name(cfg), run_dir.name, tags, run_id=run_id
-            )
+        mlflow = MlflowTracker(
+            cfg.logging.mlflow_tracking_uri, experiment_name(cfg), run_dir.name, tags, run_id=run_id
         )
+        mlflow.make_active()  # mlflow.log_metric(...) in user code goes to this run
+        trackers.append(mlflow)
     multi = MultiTracker(trackers)
     if saved:
         multi.resume(saved)

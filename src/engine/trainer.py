@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from src.engine import distributed as dist_utils
 from src.engine.build import (
@@ -40,11 +41,12 @@ from src.engine.checkpoint import (
     newest_valid_checkpoint,
     remove_partial_writes,
     restore_rng,
+    safe_load,
 )
 from src.engine.distributed import DistContext
 from src.engine.evaluate import batch_size, evaluate, split_batch, to_device, total_loss
 from src.engine.parallel import prepare_model
-from src.engine.precision import configure_backends, resolve_precision
+from src.engine.precision import configure_backends, peak_flops, resolve_precision, train_flops_per_sample
 from src.engine.run_dir import save_config
 from src.engine.signals import StopRequest
 from src.errors import ConfigError, RunError
@@ -117,7 +119,7 @@ class Trainer:
         self.model, self.raw = model, raw
         loss_fn = build_loss(cfg)
         evaluator_job: concurrent.futures.Future | None = None  # started with the first batch, see below
-        optimizer = build_optimizer(cfg.optimizer, raw)
+        optimizer = build_optimizer(fused_on_cuda(cfg.optimizer, ctx.device), raw)
         batches_per_epoch = 1 if debug else len(train.loader)
         steps_per_epoch = math.ceil(batches_per_epoch / accumulate)
         schedule = build_scheduler(
@@ -142,6 +144,13 @@ class Trainer:
             cfg.model.name, ctx.device, ctx.world_size, precision.name, cfg.batch, global_batch, accumulate,
             steps_per_epoch, epochs,
         )  # fmt: skip
+        # MFU on a GPU whose peak is known: the FLOPs of a training step are counted once, here.
+        self.peak_flops = peak_flops(ctx.device)
+        self.flops_per_sample = (
+            train_flops_per_sample(lambda: build_model(cfg, num_classes), train.dataset[0], int(cfg.batch), loss_fn)
+            if self.peak_flops
+            else None
+        )
         profiler = self._start_profiler()
         st = self.state
 
@@ -202,7 +211,8 @@ class Trainer:
                     continue
 
                 # --- optimizer step (end of an accumulation window)
-                if nan_skip and not torch.isfinite(loss.detach()):  # a sync, only with nan_policy=skip
+                # A sync, only with nan_policy=skip; the whole window (every micro-batch) on every rank decides.
+                if nan_skip and dist_utils.any_rank(not bool(torch.isfinite(window_loss)), ctx.device):
                     log.warning(
                         "non-finite loss at epoch %d step %d: step skipped", epoch + 1, st.global_step
                     )
@@ -321,11 +331,7 @@ class Trainer:
         elapsed = max(time.perf_counter() - start, 1e-9)
         loss = loss_total / max(sample_total, 1)
         if not math.isfinite(loss):
-            raise RunError(
-                f"the training loss became {loss} at epoch {self.state.epoch + 1}, step {self.state.global_step}; "
-                f"the last good checkpoint is kept in {self.ckpt_dir}; lower optimizer.lr, set "
-                "training.gradient_clip_norm, or training.nan_policy=skip"
-            )
+            raise self._non_finite(loss)
         metrics = {
             "train_loss": loss,
             "lr": self.optimizer.param_groups[0]["lr"],
@@ -338,7 +344,20 @@ class Trainer:
             metrics["grad_norm"] = float(norm)
         if self.ctx.device.type == "cuda":
             metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
+        if self.flops_per_sample and self.peak_flops:  # this rank's samples on this rank's GPU
+            metrics["mfu"] = self.flops_per_sample * samples / elapsed / self.peak_flops
         return metrics
+
+    def _non_finite(self, loss: float) -> RunError:
+        kept = (
+            f"the last good checkpoint is kept in {self.ckpt_dir}"
+            if (self.ckpt_dir / "last.pth").exists()
+            else "no checkpoint had been saved yet"
+        )
+        return RunError(
+            f"the training loss became {loss} at epoch {self.state.epoch + 1}, step {self.state.global_step}; "
+            f"{kept}; lower optimizer.lr, set training.gradient_clip_norm, or training.nan_policy=skip"
+        )
 
     def _epoch_train_loss(self) -> dict[str, float]:
         st = self.state
@@ -349,7 +368,8 @@ class Trainer:
             return
         st = self.state
         if bar is not None and "train_loss" in metrics:
-            bar.update(0, loss=metrics["train_loss"], lr=metrics["lr"], samples_s=metrics["samples_per_sec"])
+            shown = {"loss": metrics["train_loss"], "lr": metrics["lr"], "samples/s": metrics["samples_per_sec"]}
+            bar.update(0, **shown)
         if self.trackers is not None:
             self.trackers.log_metrics(metrics, step=st.global_step, epoch=st.epoch + 1)
         if self.ctx.is_main:
@@ -365,15 +385,19 @@ class Trainer:
             total=total, desc=desc, enabled=enabled, every=max(1, int(self.cfg.logging.log_frequency))
         )
 
-    def _build_ema(self, raw: nn.Module) -> Any:
-        decay = float(self.cfg.model.get("ema", 0.0) or 0.0)
-        if decay <= 0:
+    def _build_ema(self, raw: nn.Module) -> WeightEMA | None:
+        value = self.cfg.model.get("ema", 0.0) or 0.0
+        try:
+            decay = float(value)
+        except (TypeError, ValueError):
+            decay = -1.0
+        if not 0 <= decay < 1:
+            raise ConfigError(f"model.ema must be a decay in [0, 1), e.g. 0.999 (0 = off), got {value!r}")
+        if decay == 0:
             return None
         if self.ctx.strategy == "fsdp":
             raise ConfigError("model.ema is not supported with distributed.strategy=fsdp; set model.ema=0")
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        return AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        return WeightEMA(raw, decay)
 
     def _start_profiler(self) -> Any:
         p = self.cfg.profiling
@@ -454,6 +478,8 @@ class Trainer:
                 totals = totals.to(ctx.device if ctx.device.type == "cuda" else "cpu")
                 dist_utils.all_reduce_sum(totals)
             st.window_loss_sum, st.window_samples = totals[0].item(), int(totals[1].item())
+            if not math.isfinite(st.window_loss_sum):  # weights a NaN touched never replace last.pth
+                raise self._non_finite(st.window_loss_sum)
         set_optimizer_mode(self.optimizer, False)  # schedule-free: save the evaluation weights
         rng = dist_utils.all_gather_object(capture_rng())
         state: dict[str, Any] = {
@@ -548,6 +574,7 @@ class Trainer:
         ctx = self.ctx
         if state.get("weights_only"):  # checkpoint.weights_only_resume: a new run from these weights
             self._load_model_weights(state["model"], strict=False)
+            log.info("warm start from weights only: optimizer, schedule and progress start fresh")
             return
         if ctx.strategy == "fsdp" and state.get("dcp"):
             import torch.distributed.checkpoint as dcp
@@ -629,6 +656,43 @@ class Trainer:
         return trackers
 
 
+class WeightEMA(AveragedModel):
+    """Exponential moving average of the weights and float buffers, without host-device syncs.
+
+    torch's AveragedModel reads its step counter on every update (a GPU sync per step); this one
+    starts from the initial weights and each update is one fused lerp. Its state dict has
+    AveragedModel's layout ("module.<name>", "n_averaged"), which the tester reads.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        super().__init__(model, use_buffers=True)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        pairs = zip([*self.module.parameters(), *self.module.buffers()], [*model.parameters(), *model.buffers()],
+                    strict=True)  # fmt: skip
+        floats, counters = [], []
+        for avg, new in pairs:
+            (floats if avg.is_floating_point() else counters).append((avg, new.detach()))
+        if floats:
+            torch._foreach_lerp_([a for a, _ in floats], [n for _, n in floats], 1.0 - self.decay)
+        for avg, new in counters:  # e.g. BatchNorm's num_batches_tracked: copied, not averaged
+            avg.copy_(new)
+        self.n_averaged += 1  # a CPU tensor: counting needs no sync
+
+
+def fused_on_cuda(section: Any, device: torch.device) -> Any:
+    """Adam, AdamW and SGD on CUDA use the fused kernel (one launch for all parameters, and fp16 loss
+    scaling without a sync) unless the config chose an implementation itself."""
+    if device.type != "cuda" or section.get("name") not in ("Adam", "AdamW", "SGD"):
+        return section
+    if any(key in section for key in ("fused", "foreach", "differentiable", "capturable")):
+        return section
+    log.info("optimizer %s: fused CUDA kernel (set optimizer.fused=false to turn it off)", section.get("name"))
+    return OmegaConf.merge(section, {"fused": True})
+
+
 def in_background(fn: Any, *args: Any) -> concurrent.futures.Future:
     """Run `fn(*args)` on a worker thread; `.result()` waits for it and re-raises its error."""
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="background-build")
@@ -641,10 +705,7 @@ def load_checkpoint_or_weights(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise RunError(f"weights file not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise RunError(f"{path} is corrupt or not a weights file ({type(err).__name__})") from None
+    return safe_load(path)
 
 
 def rank_batch_sizes(samples: int, batch: int, drop_last: bool) -> list[int]:

@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import queue
+import sys
 import tempfile
 import threading
 import time
@@ -145,6 +146,19 @@ class MlflowTracker(Tracker):
             self._release = len(pending)
         self._submit(self._send_unless_stored)
 
+    def make_active(self) -> None:
+        """Let `mlflow.log_metric(...)` in user code (a custom evaluator, say) land in this run.
+
+        MLflow's fluent API resumes the run named by $MLFLOW_RUN_ID, in the store named by
+        $MLFLOW_TRACKING_URI, on its first call. Waits until the run exists, so call it once at start;
+        `finish` ends that fluent run before writing the real status, so MLflow's exit hook cannot
+        mark a failed run FINISHED.
+        """
+        run_id = self.run_id
+        if run_id is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri
+            os.environ["MLFLOW_RUN_ID"] = run_id
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every call queued so far has reached MLflow; False on timeout."""
         if not self._thread.is_alive():
@@ -166,6 +180,7 @@ class MlflowTracker(Tracker):
         if self._finished:
             return
         self._finished = True
+        self._end_fluent_run()
         with self._lock:
             everything = status in ("FINISHED", None) or self._covered is None
             self._release = len(self._events) if everything else self._covered
@@ -185,6 +200,20 @@ class MlflowTracker(Tracker):
                 _FINISH_TIMEOUT_S,
                 self._run_id,
             )
+
+    def _end_fluent_run(self) -> None:
+        """Close the fluent run that user code resumed on this thread (see `make_active`), if any."""
+        if os.environ.get("MLFLOW_RUN_ID") == self._run_id:
+            del os.environ["MLFLOW_RUN_ID"]
+        mlflow = sys.modules.get("mlflow")
+        if mlflow is None or self._run_id is None:
+            return
+        try:
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == self._run_id:
+                mlflow.end_run()  # FINISHED for a moment: finish() queues the real status after it
+        except Exception as err:
+            log.warning("MLflow: could not end the run user code opened: %s", err)
 
     def _accepting(self) -> bool:
         return not (self._off or self._finished)
