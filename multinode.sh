@@ -32,7 +32,8 @@ done
     || { echo "multinode.sh: NODE_RANK must be 0..$((nnodes - 1)), got '$node_rank'" >&2; exit 2; }
 [[ "$endpoint" == *:* ]] || { echo "multinode.sh: HOST:PORT expected, got '$endpoint'" >&2; exit 2; }
 
-python="${PYTHON:-$(command -v python || command -v python3)}"
+python="${PYTHON:-$(command -v python || command -v python3 || true)}"
+[[ -n "$python" ]] || { echo "${0##*/}: no python on PATH; set PYTHON=/path/to/python" >&2; exit 2; }
 if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
     cores="$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)"
     threads=$((cores / procs))

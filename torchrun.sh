@@ -28,7 +28,8 @@ procs="$1"
 shift
 [[ "$procs" =~ ^[1-9][0-9]*$ ]] || { echo "torchrun.sh: NPROC must be a positive number, got '$procs'" >&2; exit 2; }
 
-python="${PYTHON:-$(command -v python || command -v python3)}"
+python="${PYTHON:-$(command -v python || command -v python3 || true)}"
+[[ -n "$python" ]] || { echo "${0##*/}: no python on PATH; set PYTHON=/path/to/python" >&2; exit 2; }
 port="${MASTER_PORT:-$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 
 # Each process gets its share of the cores for intra-op threads (torchrun would force 1).

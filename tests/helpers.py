@@ -111,3 +111,27 @@ def state_differences(a: object, b: object, where: str = "") -> list[str]:
             for d in state_differences(x, y, f"{where}[{i}]")
         ]
     return [] if a == b else [f"{where}: {a!r} != {b!r}"]
+
+
+def shell_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Environment for a documented shell command: `python` (and torchrun.sh's $PYTHON) is this interpreter.
+
+    A wrapper script rather than a symlink, so that a virtual environment's interpreter still finds
+    its packages.
+    """
+    import shlex
+
+    bin_dir = Path(tmp_path) / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    wrapper = bin_dir / "python"
+    wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    wrapper.chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHON": sys.executable, **extra}
+
+
+def run_shell(command: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run one shell command line with bash from the repository root, as a user types it."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        ["bash", "-c", command], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
+    )

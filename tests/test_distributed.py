@@ -50,8 +50,8 @@ logging:
   log_frequency: 2
 """
 
-# A model whose forward raises on rank 1 once training is under way (first attempt only), and
-# notes when it did, so the test can time how long the job takes to end after the failure.
+# A model whose forward raises on rank 1 once training is under way (after epoch 1's checkpoint),
+# and notes when it did, so the test can time how long the job takes to end after the failure.
 FAILING_MODEL = """\
 import os
 import time
@@ -71,8 +71,7 @@ class FailsOnRank1(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.train_calls += int(self.training)
-        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        if os.environ.get("RANK") == "1" and first_attempt and self.train_calls == 6:  # epoch 2, step 2
+        if os.environ.get("RANK") == "1" and self.train_calls == 6:  # epoch 2, step 2
             with open(os.environ["FAIL_STAMP"], "w") as f:
                 f.write(str(time.time()))
             raise RuntimeError("deliberate failure on rank 1")
@@ -255,7 +254,7 @@ def test_a_failing_rank_ends_the_job_promptly(experiment, failing_model, tmp_pat
     assert ended - float((tmp_path / "failed_at").read_text()) < 60
     assert "deliberate failure on rank 1" in proc.stderr  # the failing rank's own error is shown
     run = only_run_dir(tmp_path / "out")
-    assert "the run FAILED" in (run / "train.log").read_text()
+    assert "run failed" in (run / "train.log").read_text().lower()  # rank 0 notes the failure too
     assert (run / "checkpoints/last.pth").is_file()  # epoch 1's checkpoint is kept
 
 

@@ -82,7 +82,8 @@ def build_split(cfg: DictConfig, split: str, ctx: DistContext, shuffle: bool, tr
         from src.errors import RunError
 
         raise RunError(
-            f"dataset '{cfg.dataset.name}' has no samples in its {split} split; check dataset.root"
+            f"dataset '{cfg.dataset.name}' has no samples in its {split} split; check where it reads from "
+            "(dataset.root) and its size settings"
         )
     sampler = ResumableSampler(
         len(dataset), shuffle=shuffle, seed=int(cfg.seed), rank=ctx.rank, world_size=ctx.world_size
@@ -157,8 +158,15 @@ def check_output_size(
         return
     was = model.training
     model.eval()
-    with torch.no_grad():
-        out = model(sample.unsqueeze(0).to(device))
+    try:
+        with torch.no_grad():
+            out = model(sample.unsqueeze(0).to(device))
+    except RuntimeError as err:  # shapes that do not fit: say so now, in one line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"model '{cfg.model.name}' cannot take the inputs of dataset '{cfg.dataset.name}' "
+            f"(one item has shape {tuple(sample.shape)}): {reason}; match the model's input arguments to the data"
+        ) from None
     model.train(was)
     if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] != num_classes:
         raise ConfigError(

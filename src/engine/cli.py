@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from collections.abc import Callable
 
 
@@ -31,7 +32,7 @@ def run_cli(main: Callable[[], int], show_traceback: bool) -> int:
         return main()
     except TemplateError as err:
         if show_traceback:
-            raise
+            traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:

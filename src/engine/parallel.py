@@ -25,10 +25,10 @@ def prepare_model(model: nn.Module, cfg: Any, ctx: DistContext) -> tuple[nn.Modu
         blocks = enable_activation_checkpointing(model)
         log.info("activation checkpointing: %s recomputed in backward", blocks)
     if ctx.strategy == "ddp" and cfg.distributed.sync_batchnorm:
-        if ctx.device.type == "cpu":  # torch's SyncBatchNorm only runs on accelerators
-            log.warning("distributed.sync_batchnorm is ignored on CPU: BatchNorm statistics stay per process")
-        else:
+        if ctx.device.type != "cpu":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif ctx.is_main:  # torch's SyncBatchNorm only runs on accelerators
+            log.warning("distributed.sync_batchnorm is ignored on CPU: BatchNorm statistics stay per process")
     raw = model
     if ctx.strategy == "fsdp":
         shard_fsdp2(model, cfg, ctx)

@@ -1,0 +1,504 @@
+"""Every bad input gets one clear line and the right exit code, and nothing is created or lost.
+
+Each category (config, registry, data, checkpoints, devices and launch, training, security) has at
+least one real `train.py`/`test.py` subprocess proving: exit code (2 for configuration, 1 for run
+failures), one `error:` line naming the culprit and the fix, no Python traceback, and no result
+directory for a refused start (or untouched checkpoints where files already existed). The many
+variants of each category are checked in-process, where they are cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from src import register_builtins
+from src.config import load_config
+from src.engine.build import import_user_modules, preflight
+from src.engine.checkpoint import load_checkpoint
+from src.errors import ConfigError, RunError, did_you_mean, one_line
+from tests.helpers import ROOT, TINY, explain, only_run_dir, result_dirs, run_script
+
+register_builtins()
+
+DUMMY = "config/dummy.yaml"
+
+
+# ---------------------------------------------------------------------- helpers
+def error_line(proc: subprocess.CompletedProcess, code: int) -> str:
+    """The one `error:` line of a refused run, after checking the exit code and the absence of a traceback."""
+    assert proc.returncode == code, explain(proc)
+    assert "Traceback" not in proc.stderr, explain(proc)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, explain(proc)
+    return lines[0]
+
+
+def assert_words(line: str, *words: str) -> None:
+    for word in words:
+        assert word in line, f"{word!r} not in {line!r}"
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def refused_in_process(text: str = "", overrides: tuple[str, ...] = (), tmp_path: Path | None = None) -> str:
+    """The ConfigError message for an experiment file `text` (inheriting dummy.yaml) plus overrides."""
+    assert tmp_path is not None
+    exp = write(tmp_path / "exp.yaml", f"__base__: {ROOT / DUMMY}\n{text}")
+    with pytest.raises(ConfigError) as err:
+        preflight(load_config(exp, list(overrides)))
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One finished tiny run whose checkpoints the checkpoint cases read (and must leave untouched)."""
+    out = tmp_path_factory.mktemp("trained")
+    proc = run_script("train.py", DUMMY, f"output={out}", *TINY, "epoch=1")
+    assert proc.returncode == 0, explain(proc)
+    return only_run_dir(out)
+
+
+# ---------------------------------------------------------------------- config
+def test_unknown_key_exits_2_with_one_line_and_no_result_dir(tmp_path):
+    out = tmp_path / "out"
+    line = error_line(run_script("train.py", DUMMY, f"output={out}", *TINY, "batchh=3"), 2)
+    assert_words(line, "unknown key 'batchh'", "the command line", "did you mean 'batch'")
+    assert not out.exists()
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    exp = write(tmp_path / "exp.yaml", f"__base__: {ROOT / DUMMY}\nbatch: 4\nmodel: [SimpleCNN\n")
+    out = tmp_path / "out"
+    line = error_line(run_script("train.py", str(exp), f"output={out}"), 2)
+    assert_words(line, "YAML syntax error", f"{exp}:4")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "text, overrides, words",
+    [
+        ("", ["optimzer.lr=0.1"], ["unknown key 'optimzer'", "'optimizer'"]),
+        (
+            "training:\n  gradient_clip: 1.0\n",
+            [],
+            ["'training.gradient_clip'", "exp.yaml", "gradient_clip_norm"],
+        ),
+        ("", ["epoch=ten"], ["'epoch'", "integer", "'ten'"]),
+        ("", ["logging.mlflow=maybe"], ["'logging.mlflow'", "true or false"]),
+        ("", ["gpu.precision=17"], ["gpu.precision", "bf16"]),
+        ("", ["distributed.strategy=fdsp"], ["distributed.strategy", "fsdp"]),
+        ("", ["checkpoint.mode=maximum"], ["checkpoint.mode", "min, max"]),
+        ("", ["training.early_stopping.mode=up"], ["training.early_stopping.mode", "min, max"]),
+        ("", ["distributed.sharding_strategy=full"], ["distributed.sharding_strategy", "full_shard"]),
+        ("", ["batch=0"], ["'batch'", ">= 1", "got 0"]),
+        ("", ["epoch=-3"], ["'epoch'", ">= 1"]),
+        ("", ["optimizer.lr=0"], ["'optimizer.lr'", "> 0"]),
+        ("", ["evaluation.frequency=-1"], ["'evaluation.frequency'", ">= 0"]),
+        ("", ["logging.log_frequency=0"], ["'logging.log_frequency'", ">= 1"]),
+        ("", ["checkpoint.save_frequency=-2"], ["'checkpoint.save_frequency'", ">= 0"]),
+        ("", ["gpu=3"], ["'gpu'", "mapping"]),
+        ("", ["model.name=3"], ["'model.name'", "string"]),
+        ("", ["tag=${oops"], ["cannot resolve 'tag'", "interpolation"]),
+        ("", ["tag=!!python/object/apply:os.system [ls]"], ["refused", "python/object/apply:os.system"]),
+        ("", ["=3"], ["malformed override '=3'"]),
+        ("", ["a.=3"], ["malformed override"]),
+        ("", ["seed=[1,"], ["override 'seed=[1,'", "expected"]),
+    ],
+)
+def test_config_error_table(tmp_path, text, overrides, words):
+    assert_words(refused_in_process(text, tuple(overrides), tmp_path), *words)
+
+
+def test_missing_config_and_missing_or_cyclic_base(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    write(tmp_path / "a.yaml", "__base__: b.yaml\n")
+    write(tmp_path / "b.yaml", "__base__: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"cyclic __base__: .*a.yaml -> .*b.yaml -> .*a.yaml"):
+        load_config(tmp_path / "a.yaml")
+    write(tmp_path / "c.yaml", "__base__: gone.yaml\n")
+    with pytest.raises(
+        ConfigError, match=r"__base__ 'gone.yaml' in .*c.yaml not found \(looked for .*gone.yaml\)"
+    ):
+        load_config(tmp_path / "c.yaml")
+    write(tmp_path / "d.yaml", "__base__: 42\n")
+    with pytest.raises(ConfigError, match=r"__base__ in .*d.yaml must be a file name"):
+        load_config(tmp_path / "d.yaml")
+
+
+def test_component_given_by_name_and_argument_in_either_order():
+    for args in (["dataset=CIFAR10", "dataset.root=/x"], ["dataset.root=/x", "dataset=CIFAR10"]):
+        cfg = load_config(ROOT / DUMMY, args)
+        assert (cfg.dataset.name, cfg.dataset.root) == ("CIFAR10", "/x")
+        assert "train_size" not in cfg.dataset  # the synthetic set's arguments went with its name
+
+
+def test_messages_stay_on_one_line_and_suggestions_are_close():
+    assert one_line("a\nb\tc\x1b") == "a\\nb\\tc\\x1b"
+    assert str(ConfigError("key 'x\ny'")) == "key 'x\\ny'"
+    assert "'batch'" in did_you_mean("bacth", ["batch", "epoch", "seed"])
+    assert did_you_mean("zzzz", ["batch", "epoch"]) == ""
+
+
+# ---------------------------------------------------------------------- registry
+def test_unknown_model_name_suggests_registered_ones(tmp_path):
+    out = tmp_path / "out"
+    line = error_line(run_script("train.py", DUMMY, f"output={out}", *TINY, "model=ResNet18"), 2)
+    assert_words(line, "unknown model 'ResNet18'", "'resnet18'", "show_registers.py")
+    assert not out.exists()
+
+
+def test_imports_module_that_fails_shows_its_own_error(tmp_path):
+    write(tmp_path / "pkg" / "badmod.py", "import math\n\nraise ValueError('no config for the widget')\n")
+    out = tmp_path / "out"
+    proc = run_script(
+        "train.py",
+        DUMMY,
+        f"output={out}",
+        *TINY,
+        "imports=[badmod]",
+        env={"PYTHONPATH": str(tmp_path / "pkg")},
+    )
+    line = error_line(proc, 2)
+    assert_words(line, "imports: module 'badmod'", "ValueError: no config for the widget", "badmod.py:3")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "module, words",
+    [
+        ("no_such_module_xyz", ["no module named 'no_such_module_xyz'", "PYTHONPATH"]),
+        ("mypkg/models.py", ["not a module name", "mypkg.models"]),
+    ],
+)
+def test_imports_that_cannot_be_found(module, words):
+    with pytest.raises(ConfigError) as err:
+        import_user_modules([module])
+    assert_words(str(err.value), *words)
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["model.widht=8"], ["model 'SimpleCNN' has no argument 'widht'", "'width'", "accepts:"]),
+        (["lr_scheduler=StepLR"], ["lr_scheduler 'StepLR' needs the argument(s) step_size"]),
+        (["dataset=ImageFolder"], ["dataset 'ImageFolder' needs the argument(s) root"]),
+        (["model.width=wide"], ["model 'SimpleCNN'", "'width' must be int", "'wide'"]),
+        (["dataset.download=maybe", "dataset=CIFAR10"], ["'download' must be bool", "'maybe'"]),
+        (["lr_scheduler=CosineAnnealing"], ["unknown lr_scheduler 'CosineAnnealing'", "CosineAnnealingLR"]),
+        (["loss=CrossEntropy"], ["unknown loss 'CrossEntropy'", "CrossEntropyLoss"]),
+        (["transform.train=[RandomFlip]"], ["unknown transform 'RandomFlip'"]),
+    ],
+)
+def test_component_argument_errors_before_anything_is_built(tmp_path, overrides, words):
+    assert_words(refused_in_process("", tuple(overrides), tmp_path), *words)
+
+
+# ---------------------------------------------------------------------- data
+def test_missing_dataset_root_says_where_and_how_to_download(tmp_path):
+    out = tmp_path / "out"
+    proc = run_script(
+        "train.py", DUMMY, f"output={out}", *TINY, "dataset=CIFAR10", f"dataset.root={tmp_path / 'data'}"
+    )
+    line = error_line(proc, 1)
+    assert_words(line, "CIFAR10", str(tmp_path / "data" / "cifar-10-batches-py"), "dataset.download=true")
+    assert result_dirs(out) == [] and not (out / "CIFAR10").exists()
+
+
+def test_model_output_size_not_matching_the_classes(tmp_path):
+    out = tmp_path / "out"
+    line = error_line(run_script("train.py", DUMMY, f"output={out}", *TINY, "model.num_classes=4"), 2)
+    assert_words(line, "outputs 4 classes", "has 10", "model.num_classes=10")
+    assert result_dirs(out) == []
+
+
+def test_model_that_cannot_take_the_inputs(tmp_path):
+    out = tmp_path / "out"
+    proc = run_script("train.py", DUMMY, f"output={out}", *TINY, "dataset.input_shape=[1,16,16]")
+    assert_words(error_line(proc, 2), "cannot take the inputs", "(1, 16, 16)")
+    assert result_dirs(out) == []
+
+
+def test_empty_dataset_and_missing_image_folder():
+    from src.data import build_dataset
+    from src.engine.build import build_split
+    from src.engine.distributed import DistContext
+
+    cfg = load_config(ROOT / DUMMY, ["dataset.train_size=0"])
+    with pytest.raises(RunError, match="no samples in its train split"):
+        build_split(cfg, "train", DistContext("none", torch.device("cpu")), shuffle=True, transforms={})
+    with pytest.raises(RunError, match=r"dataset.root '.*nowhere' does not exist \(expected root/"):
+        build_dataset({"name": "ImageFolder", "root": "/nowhere"}, split="train", transform=None)
+
+
+# ---------------------------------------------------------------------- checkpoints
+def test_resume_from_together_with_in_place_resume(trained):
+    before = {p.name: digest(p) for p in (trained / "checkpoints").glob("*.pth")}
+    runs = result_dirs(trained.parents[1])
+    proc = run_script(
+        "train.py", str(trained / "config.yaml"), f"checkpoint.resume_from={trained}/checkpoints/last.pth"
+    )
+    assert_words(error_line(proc, 2), "checkpoint.resume_from", "in place", "both")
+    assert {p.name: digest(p) for p in (trained / "checkpoints").glob("*.pth")} == before
+    assert result_dirs(trained.parents[1]) == runs
+
+
+def test_checkpoint_of_another_model_summarises_the_mismatch(trained, tmp_path):
+    source = trained / "checkpoints" / "last.pth"
+    before = digest(source)
+    out = tmp_path / "out"
+    proc = run_script(
+        "train.py", DUMMY, f"output={out}", *TINY, f"checkpoint.resume_from={source}", "model.width=8"
+    )
+    line = error_line(proc, 1)
+    assert_words(line, "does not fit model 'SimpleCNN'", "shape mismatch", "(16, 3, 3, 3) vs (8, 3, 3, 3)")
+    assert digest(source) == before
+    assert result_dirs(out) == []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_damaged_resume_from_file(trained, tmp_path, damage):
+    data = (trained / "checkpoints" / "last.pth").read_bytes()
+    bad = tmp_path / f"{damage}.pth"
+    bad.write_bytes(data[: len(data) // 3] if damage == "truncated" else os.urandom(4096))
+    out = tmp_path / "out"
+    proc = run_script("train.py", DUMMY, f"output={out}", *TINY, f"checkpoint.resume_from={bad}")
+    assert_words(error_line(proc, 1), str(bad), "corrupt or truncated")
+    assert not out.exists()
+
+
+def test_test_py_with_a_damaged_checkpoint_leaves_the_run_alone(trained, tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes((trained / "checkpoints" / "best.pth").read_bytes()[:1000])
+    before = {p.name: digest(p) for p in (trained / "checkpoints").glob("*.pth")}
+    proc = run_script("test.py", str(trained / "config.yaml"), "--checkpoint", str(bad))
+    assert_words(error_line(proc, 1), str(bad), "corrupt or truncated")
+    assert {p.name: digest(p) for p in (trained / "checkpoints").glob("*.pth")} == before
+
+
+def test_missing_checkpoint_file(tmp_path):
+    with pytest.raises(RunError, match=r"checkpoint not found: .*gone.pth \(the folder .* does not exist"):
+        load_checkpoint(tmp_path / "nowhere" / "gone.pth")
+    with pytest.raises(RunError, match=r"checkpoint not found: .*gone.pth$"):
+        load_checkpoint(tmp_path / "gone.pth")
+
+
+def test_foreign_file_is_not_a_checkpoint(tmp_path):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pth")
+    with pytest.raises(RunError, match="not a checkpoint of this template"):
+        load_checkpoint(tmp_path / "foreign.pth")
+
+
+# ---------------------------------------------------------------------- security
+class _Payload:
+    """Pickles to a call of os.system: loading it unsafely would create the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_checkpoint_is_refused_not_executed(tmp_path):
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": _Payload(marker)}, evil)
+    with pytest.raises(RunError, match=r"refused: it holds a Python object \(\S*system\)"):
+        load_checkpoint(evil)
+    out = tmp_path / "out"
+    proc = run_script("train.py", DUMMY, f"output={out}", *TINY, f"checkpoint.resume_from={evil}")
+    assert_words(error_line(proc, 1), "refused", "could run code")
+    assert not marker.exists()
+    assert not out.exists()
+    torch.load(evil, weights_only=False)  # the file is a working exploit: an unsafe load runs it
+    assert marker.exists()
+
+
+def test_yaml_python_tags_are_refused(tmp_path):
+    marker = tmp_path / "PWNED"
+    exp = write(
+        tmp_path / "exp.yaml",
+        f"__base__: {ROOT / DUMMY}\ntag: !!python/object/apply:os.system ['touch {marker}']\n",
+    )
+    out = tmp_path / "out"
+    line = error_line(run_script("train.py", str(exp), f"output={out}"), 2)
+    assert_words(line, "unsafe YAML", f"{exp}:2", "python/object/apply:os.system", "refused")
+    assert not marker.exists() and not out.exists()
+
+
+def test_config_values_are_never_code(tmp_path):
+    marker = tmp_path / "PWNED"
+    text = f"__import__('os').system('touch {marker}')"
+    cfg = load_config(ROOT / DUMMY, [f"tag={text}", "model.width=__import__('os').getpid()"])
+    assert cfg.tag == text and cfg.model.width == "__import__('os').getpid()"
+    with pytest.raises(ConfigError, match="'width' must be int"):
+        preflight(cfg)
+    assert not marker.exists()
+
+
+def test_mlflow_ui_script_binds_to_localhost_unless_told(tmp_path):
+    fake = write(tmp_path / "bin" / "mlflow", '#!/bin/sh\necho "mlflow $*"\n')
+    fake.chmod(0o755)
+    write(tmp_path / "result" / "mlflow.db", "")
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("HOST", None)
+    script = str(ROOT / "script" / "run_mlflow.sh")
+    default = subprocess.run(
+        ["bash", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert default.returncode == 0, default.stderr
+    assert "--host 127.0.0.1" in default.stdout
+    told = subprocess.run(
+        ["bash", script],
+        cwd=tmp_path,
+        env={**env, "HOST": "0.0.0.0"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "--host 0.0.0.0" in told.stdout
+
+
+# ---------------------------------------------------------------------- devices and launch
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_but_absent(tmp_path):
+    out = tmp_path / "out"
+    line = error_line(run_script("train.py", DUMMY, f"output={out}", *TINY, "gpu.device=cuda"), 2)
+    assert_words(line, "gpu.device=cuda", "CUDA is not available", "gpu.device=cpu")
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_id_out_of_range(tmp_path):
+    count = torch.cuda.device_count()
+    out = tmp_path / "out"
+    line = error_line(run_script("train.py", DUMMY, f"output={out}", *TINY, f"gpu.use={count}"), 2)
+    assert_words(line, f"gpu.use id {count} is out of range", f"{count} CUDA device(s)")
+    assert not out.exists()
+
+
+def test_ddp_without_torchrun(tmp_path):
+    out = tmp_path / "out"
+    proc = run_script("train.py", DUMMY, f"output={out}", *TINY, "distributed.strategy=ddp")
+    assert_words(error_line(proc, 2), "distributed.strategy=ddp needs torchrun", "./torchrun.sh")
+    assert not out.exists()
+
+
+def test_result_root_not_writable(tmp_path):
+    blocker = write(tmp_path / "afile", "a regular file where a folder should be\n")
+    proc = run_script("train.py", DUMMY, f"output={blocker}/sub", *TINY)
+    assert_words(error_line(proc, 2), f"output '{blocker}/sub' is not writable", "output=")
+    assert blocker.read_text() == "a regular file where a folder should be\n"
+
+
+def test_traceback_switch_shows_the_traceback(tmp_path):
+    out = tmp_path / "out"
+    flag = run_script("train.py", DUMMY, f"output={out}", "--traceback", "batchh=1")
+    env = run_script("train.py", DUMMY, f"output={out}", "batchh=1", env={"TEMPLATE_TRACEBACK": "1"})
+    for proc in (flag, env):
+        assert proc.returncode == 2, explain(proc)
+        assert "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+        assert "error: unknown key 'batchh'" in proc.stderr
+
+
+# ---------------------------------------------------------------------- training: non-finite losses
+NAN_MODULE = '''
+"""A linear classifier whose training output turns NaN on chosen forward calls (counted from 1)."""
+import torch
+from torch import nn
+
+from src.registry import MODEL_REGISTRY
+
+
+@MODEL_REGISTRY.register()
+class NanOnCalls(nn.Module):
+    def __init__(self, num_classes: int = 10, in_features: int = 768, nan_calls: list = ()):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, num_classes))
+        self.nan_calls = set(nan_calls)
+        self.calls = 0
+
+    def forward(self, x):
+        out = self.net(x)
+        if self.training:
+            self.calls += 1
+            if self.calls in self.nan_calls:
+                out = out * float("nan")
+        return out
+'''
+
+
+def _nan_run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    write(tmp_path / "pkg" / "nanmodel.py", NAN_MODULE)
+    out = tmp_path / "out"
+    proc = run_script(
+        "train.py", DUMMY, f"output={out}", *TINY, "imports=[nanmodel]", "model=NanOnCalls", *args,
+        env={"PYTHONPATH": str(tmp_path / "pkg")},
+    )  # fmt: skip
+    return proc, out
+
+
+def test_nan_loss_stops_the_run_keeps_the_last_good_checkpoint_and_marks_it_failed(tmp_path):
+    # 4 steps an epoch; step 5 (epoch 2) goes NaN. A checkpoint is due after every step, so the
+    # NaN is caught there, before its weights could replace last.pth.
+    proc, out = _nan_run(
+        tmp_path,
+        "model.nan_calls=[5]",
+        "checkpoint.save_every_n_steps=1",
+        "logging.log_frequency=50",
+        "logging.mlflow=true",
+    )
+    line = error_line(proc, 1)
+    assert_words(
+        line, "training loss became nan", "epoch 2, step 5", "last good checkpoint", "nan_policy=skip"
+    )
+    run = only_run_dir(out)
+    last = torch.load(run / "checkpoints" / "last.pth", weights_only=True)
+    assert last["progress"]["global_step"] == 4
+    assert all(torch.isfinite(t).all() for t in last["model"].values())
+    assert "FAILED" in (run / "train.log").read_text()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert [r.info.status for r in client.search_runs(experiments)] == ["FAILED"]
+
+
+def test_nan_policy_skip_skips_the_step_and_finishes(tmp_path):
+    proc, out = _nan_run(tmp_path, "model.nan_calls=[2,6]", "training.nan_policy=skip")
+    assert proc.returncode == 0, explain(proc)
+    run = only_run_dir(out)
+    log = (run / "train.log").read_text()
+    assert log.count("non-finite loss") == 2 and "step skipped" in log
+    last = torch.load(run / "checkpoints" / "last.pth", weights_only=True)
+    assert last["progress"]["global_step"] == 8 - 2  # two epochs of 4 steps, two skipped
+    assert all(torch.isfinite(t).all() for t in last["model"].values())
+    assert (run / "test" / "metrics.json").is_file()
+
+
+def test_huge_learning_rate_fails_cleanly(tmp_path):
+    out = tmp_path / "out"
+    proc = run_script(
+        "train.py", DUMMY, f"output={out}", *TINY, "optimizer.lr=1e30", "logging.log_frequency=1"
+    )
+    assert_words(error_line(proc, 1), "training loss became", "epoch 1, step", "lower optimizer.lr")
+    assert "FAILED" in (only_run_dir(out) / "train.log").read_text()

@@ -1,0 +1,939 @@
+"""The training guide works as written: each of its commands and YAML blocks runs and does what it says.
+
+Every YAML block is copied here verbatim, written to a file and run with `python train.py <file>`;
+every shell command is run with bash exactly as printed (`./torchrun.sh 4|8` becomes 2 processes,
+`python` is this interpreter, placeholder paths become a real run). Only small-data settings are
+appended (tiny synthetic images, few epochs, CPU, no MLflow/TensorBoard unless they are the point);
+where a test appends anything else it says why. Each test then checks the effect the guide promises,
+in the saved config.yaml and in behaviour: metrics.jsonl, checkpoints, train.log.
+
+The user components the guide names (`my_dataset`, `my_model`, `my_evaluator`) live in a package
+written to a temporary folder and listed under `imports:`, as a user would do it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+import shutil
+import textwrap
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.helpers import (
+    explain,
+    only_run_dir,
+    read_metrics,
+    result_dirs,
+    run_script,
+    run_shell,
+    shell_env,
+)
+
+# ---------------------------------------------------------------------------------------------------------
+# The guide's YAML blocks, verbatim.
+
+BASIC_SETUP = """\
+# config/my_experiment.yaml
+dataset: my_dataset
+model: resnet50
+batch: 32
+epoch: 100
+
+optimizer:
+  name: AdamW
+  lr: 0.001
+  weight_decay: 0.01
+
+lr_scheduler:
+  name: CosineAnnealingWarmRestarts
+  T_0: 10
+  T_mult: 2
+
+gpu:
+  use: "0"
+  mixed_precision: true
+"""
+
+ADVANCED_OPTIONS = """\
+# Advanced configuration
+training:
+  gradient_clip_norm: 1.0
+  accumulate_grad_batches: 4
+  validation_frequency: 5
+  save_frequency: 10
+  early_stopping:
+    patience: 20
+    monitor: "val_loss"
+    mode: "min"
+
+checkpoint:
+  save_best: true
+  save_last: true
+  save_top_k: 3
+  monitor: "val_accuracy"
+  mode: "max"
+"""
+
+FSDP = """\
+# Enable FSDP in configuration
+distributed:
+  strategy: "fsdp"
+  precision: "bf16"
+  sharding_strategy: "full_shard"
+"""
+
+AMP = """\
+gpu:
+  mixed_precision: true
+  precision: "16"  # or "bf16" for newer GPUs
+"""
+
+CUSTOM_PRECISION = """\
+# In model configuration
+model:
+  name: my_model
+  precision: "bf16"
+  compile: true  # PyTorch 2.0 compilation
+"""
+
+GRADIENT_ACCUMULATION = """\
+training:
+  accumulate_grad_batches: 4  # Effective batch = batch * accumulate_grad_batches
+  gradient_clip_norm: 1.0     # Clip gradients to prevent explosion
+"""
+
+AUTOMATIC_CHECKPOINTING = """\
+checkpoint:
+  save_frequency: 10        # Save every 10 epochs
+  save_best: true          # Save best model based on metric
+  save_last: true          # Always save latest checkpoint
+  monitor: "val_accuracy"   # Metric to monitor for best model
+  mode: "max"              # "max" for accuracy, "min" for loss
+"""
+
+# "Common Schedulers" and "Optimizer Selection" are each one block of alternatives (the same key three
+# times; YAML would keep only the last), so every alternative is run on its own.
+SCHEDULERS = {
+    "CosineAnnealingWarmRestarts": """\
+# Cosine annealing with warm restarts
+lr_scheduler:
+  name: CosineAnnealingWarmRestarts
+  T_0: 10
+  T_mult: 2
+  eta_min: 1e-6
+""",
+    "StepLR": """\
+# Step LR with decay
+lr_scheduler:
+  name: StepLR
+  step_size: 30
+  gamma: 0.1
+""",
+    "ReduceLROnPlateau": """\
+# Reduce on plateau
+lr_scheduler:
+  name: ReduceLROnPlateau
+  mode: "min"
+  factor: 0.5
+  patience: 10
+""",
+}
+
+WARMUP_SCHEDULE = """\
+lr_scheduler:
+  name: CosineAnnealingWarmupReduceRestarts
+  T_0: 50
+  T_mult: 2
+  eta_min: 1e-6
+  T_up: 10      # Warmup epochs
+  gamma: 0.5    # Restart decay factor
+"""
+
+OPTIMIZERS = {
+    "AdamW": """\
+# AdamW (recommended for most cases)
+optimizer:
+  name: AdamW
+  lr: 0.001
+  weight_decay: 0.01
+  betas: [0.9, 0.999]
+""",
+    "SGD": """\
+# SGD with momentum (for some computer vision tasks)
+optimizer:
+  name: SGD
+  lr: 0.1
+  momentum: 0.9
+  weight_decay: 1e-4
+""",
+    "Lion": """\
+# Lion optimizer (new, efficient)
+optimizer:
+  name: Lion
+  lr: 1e-4
+  betas: [0.9, 0.99]
+  weight_decay: 0.01
+""",
+}
+
+SCHEDULE_FREE = """\
+# AdamW Schedule-Free (no LR scheduler needed)
+optimizer:
+  name: AdamWScheduleFree
+  lr: 0.001
+  betas: [0.9, 0.999]
+  weight_decay: 0.01
+  warmup_steps: 1000
+"""
+
+TENSORBOARD = """\
+logging:
+  tensorboard: true
+  log_dir: "logs"
+  log_frequency: 100  # Log every 100 steps
+"""
+
+VALIDATION = (  # the guide's blank line inside this block holds two spaces
+    """\
+evaluation:
+  frequency: 5        # Validate every 5 epochs
+  metrics: ["accuracy", "f1_score", "precision", "recall"]
+  save_predictions: true
+"""
+    "  \n"
+    """\
+evaluator:
+  name: classification_evaluator
+  num_classes: 10
+  average: "macro"
+"""
+)
+
+COMPILATION = """\
+model:
+  compile: true
+  compile_mode: "default"  # "default", "reduce-overhead", "max-autotune"
+"""
+
+DATA_LOADING = """\
+dataloader:
+  num_workers: 8
+  pin_memory: true
+  persistent_workers: true
+  prefetch_factor: 2
+"""
+
+MEMORY = """\
+# Gradient checkpointing for large models
+model:
+  gradient_checkpointing: true
+
+# Reduce precision
+gpu:
+  mixed_precision: true
+  precision: "bf16"
+
+# Smaller batch size with accumulation
+batch: 16
+training:
+  accumulate_grad_batches: 4
+"""
+
+PROFILING = """\
+profiling:
+  enabled: true
+  profile_memory: true
+  record_shapes: true
+  with_stack: true
+"""
+
+OUT_OF_MEMORY = """\
+# Reduce batch size
+batch: 16
+
+# Enable gradient checkpointing
+model:
+  gradient_checkpointing: true
+
+# Use gradient accumulation
+training:
+  accumulate_grad_batches: 4
+"""
+
+SLOW_TRAINING = """\
+# Increase num_workers
+dataloader:
+  num_workers: 8
+
+# Enable model compilation
+model:
+  compile: true
+
+# Use mixed precision
+gpu:
+  mixed_precision: true
+"""
+
+NAN_LOSS = """\
+# Gradient clipping
+training:
+  gradient_clip_norm: 1.0
+
+# Lower learning rate
+optimizer:
+  lr: 1e-4
+
+# Use more stable precision
+gpu:
+  precision: "32"
+"""
+
+# The guide's python snippets, used as written inside the user's evaluator.
+CUSTOM_METRICS_LOGGING = """\
+# In custom evaluator
+import mlflow
+
+def log_custom_metrics(self, metrics_dict):
+    for key, value in metrics_dict.items():
+        mlflow.log_metric(key, value)
+"""
+
+CUSTOM_EVALUATION = """\
+@EVALUATOR_REGISTRY.register("my_evaluator")
+class MyEvaluator(BaseEvaluator):
+    def evaluate(self, predictions, targets):
+        # Custom evaluation logic
+        results = {}
+        results["custom_metric"] = self.compute_custom_metric(predictions, targets)
+        return results
+"""
+
+# The guide's shell commands, verbatim.
+CMD_DP = 'python train.py config/my_experiment.yaml gpu.use="0,1,2,3"'
+CMD_DDP = './torchrun.sh 4 train.py config/my_experiment.yaml gpu.use="0,1,2,3"'
+CMD_FSDP = "./torchrun.sh 8 train.py config/my_experiment.yaml distributed.strategy=fsdp"
+CMD_RESUME_DIR = "python train.py result/my_dataset/20241208_093000_resnet50_experiment/config.yaml"
+CMD_RESUME_FILE = 'python train.py config/my_experiment.yaml checkpoint.resume_from="path/to/checkpoint.pth"'
+CMD_RESUME_LONGER = (
+    "python train.py result/my_dataset/20241208_093000_resnet50_experiment/config.yaml epoch=200"
+)
+CMD_DEBUG = "python train.py config/my_experiment.yaml debug=true"
+CMD_BASIC = "python train.py config/my_experiment.yaml"
+CMD_ALL_FEATURES = """\
+./torchrun.sh 4 train.py config/advanced.yaml \\
+  batch=64 \\
+  optimizer.lr=0.001 \\
+  gpu.mixed_precision=true \\
+  training.gradient_clip_norm=1.0 \\
+  checkpoint.save_frequency=5"""
+GUIDE_RUN = "result/my_dataset/20241208_093000_resnet50_experiment"
+
+# ---------------------------------------------------------------------------------------------------------
+# The user's package: the components the guide names.
+
+USER_PACKAGE = '''\
+"""The guide's user components, registered from outside src/ (listed under `imports:`)."""
+from torch import nn
+
+from src import DATASET_REGISTRY, MODEL_REGISTRY
+from src.data.datasets import SyntheticClassification
+
+
+@DATASET_REGISTRY.register("my_dataset")
+class MyDataset(SyntheticClassification):
+    """The user's dataset: synthetic images under the user's own name."""
+
+
+@MODEL_REGISTRY.register("my_model")
+class MyModel(nn.Module):
+    def __init__(self, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+'''
+
+LOG_CUSTOM_METRICS = CUSTOM_METRICS_LOGGING.split("import mlflow\n", 1)[1].strip("\n") + "\n"
+COMPUTE_CUSTOM_METRIC = '''\
+def compute_custom_metric(self, predictions, targets):
+    """Top-2 accuracy; also sent to MLflow (in percent) through the guide's helper."""
+    top2 = predictions.topk(2, dim=1).indices
+    value = (top2 == targets[:, None]).any(dim=1).float().mean().item()
+    self.log_custom_metrics({"custom_top2_percent": 100 * value})
+    return value
+'''
+
+# The guide's evaluator class with its two helper methods, one of them the guide's MLflow snippet.
+USER_EVALUATORS = (
+    "import mlflow\n\nfrom src import EVALUATOR_REGISTRY\nfrom src.evaluators import BaseEvaluator\n\n\n"
+    + CUSTOM_EVALUATION
+    + "\n"
+    + textwrap.indent(LOG_CUSTOM_METRICS, "    ")
+    + "\n"
+    + textwrap.indent(COMPUTE_CUSTOM_METRIC, "    ")
+)
+
+
+@pytest.fixture(scope="module")
+def user_env(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("user")
+    package = root / "guide_user"
+    package.mkdir()
+    (package / "__init__.py").write_text(USER_PACKAGE)
+    (package / "evaluators.py").write_text(USER_EVALUATORS)
+    return {"PYTHONPATH": str(root)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running a block or a command, and reading back what it did.
+
+
+def small(
+    epoch: int = 2,
+    train: int = 64,
+    batch: int | None = 16,
+    shape: str = "[3,16,16]",
+    val: int = 32,
+    test: int = 32,
+    mlflow: bool = False,
+    tensorboard: bool = False,
+) -> list[str]:
+    """The small-data overrides appended to every guide command: seconds on a CPU."""
+    args = [
+        "gpu.device=cpu",
+        f"epoch={epoch}",
+        f"dataset.train_size={train}",
+        f"dataset.val_size={val}",
+        f"dataset.test_size={test}",
+        f"dataset.input_shape={shape}",
+    ]
+    if batch is not None:  # None: the block sets it
+        args.append(f"batch={batch}")
+    if not mlflow:
+        args.append("logging.mlflow=false")
+    if not tensorboard:
+        args.append("logging.tensorboard=false")
+    return args
+
+
+@dataclass
+class Run:
+    dir: Path
+
+    @cached_property
+    def config(self) -> dict:
+        return yaml.safe_load((self.dir / "config.yaml").read_text())
+
+    @property
+    def log(self) -> str:
+        return (self.dir / "train.log").read_text()
+
+    @property
+    def events(self) -> list[dict]:
+        return read_metrics(self.dir)
+
+    def checkpoint(self, name: str = "last.pth") -> dict:
+        return torch.load(self.dir / "checkpoints" / name, map_location="cpu", weights_only=True)
+
+    def val_epochs(self) -> list[int]:
+        return [e["epoch"] for e in self.events if "val_loss" in e]
+
+    def lr_by_epoch(self) -> dict[int, float]:
+        lrs: dict[int, float] = {}
+        for e in self.events:
+            if "lr" in e:
+                lrs.setdefault(e["epoch"], e["lr"])
+        return lrs
+
+    def files(self, pattern: str) -> list[str]:
+        return sorted(p.name for p in (self.dir / "checkpoints").glob(pattern))
+
+
+def train_block(
+    tmp_path: Path, text: str, *overrides: str, env: dict | None = None, name: str = "block"
+) -> Run:
+    """`python train.py <block file> <overrides>`; the one run it made."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    out = tmp_path / f"out_{name}"
+    proc = run_script("train.py", str(path), f"output={out}", *overrides, env=env)
+    assert proc.returncode == 0, explain(proc)
+    return Run(only_run_dir(out))
+
+
+def guide_command(command: str, *appended: str, env: dict, substitute: dict[str, str] | None = None):
+    """A guide command line as printed, 4 or 8 processes made 2, placeholders made real, overrides appended."""
+    line = command.replace("\\\n", " ")
+    line = re.sub(r"^\./torchrun\.sh [48] ", "./torchrun.sh 2 ", line)
+    for placeholder, real in (substitute or {}).items():
+        line = line.replace(placeholder, real)
+    line = " ".join([line, *map(shlex.quote, appended)])
+    return run_shell(line, env=env)
+
+
+def cosine(base: float, t: float, period: float, floor: float = 0.0) -> float:
+    return floor + (base - floor) * (1 + math.cos(math.pi * t / period)) / 2
+
+
+def assert_close(actual: float, expected: float) -> None:
+    assert actual == pytest.approx(expected, rel=1e-6, abs=1e-12), (actual, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training Configuration
+
+
+def test_basic_training_setup_block(tmp_path, user_env):
+    """my_dataset (the user's) + resnet50 + AdamW + warm restarts + mixed precision, as in the guide.
+
+    bf16 autocast on a CPU without native bf16 runs resnet50 at seconds per step, so this run is one
+    step of batch 2 on 8x8 images.
+    """
+    run = train_block(
+        tmp_path, BASIC_SETUP, "imports=[guide_user]",
+        *small(epoch=1, train=2, batch=2, shape="[3,8,8]", val=2, test=2), env=user_env,
+    )  # fmt: skip
+    cfg = run.config
+    assert run.dir.parent.name == "my_dataset" and "_resnet50" in run.dir.name
+    assert cfg["model"]["name"] == "resnet50" and cfg["dataset"]["name"] == "my_dataset"
+    assert cfg["optimizer"] == {"name": "AdamW", "lr": 0.001, "weight_decay": 0.01}
+    assert cfg["lr_scheduler"] == {"name": "CosineAnnealingWarmRestarts", "T_0": 10, "T_mult": 2}
+    assert cfg["gpu"]["use"] == "0" and cfg["gpu"]["mixed_precision"] is True
+    assert "bf16 precision" in run.log  # mixed_precision alone picks bf16 where the device has it
+    state = run.checkpoint()
+    assert state["model"]["fc.weight"].shape == (10, 2048)  # resnet50's head sized by the dataset
+    group = state["optimizer"]["param_groups"][0]
+    assert group["weight_decay"] == 0.01
+    assert_close(group["lr"], cosine(0.001, 1, 10))  # one epoch along the first 10-epoch cosine
+
+
+def test_advanced_training_options_block(tmp_path):
+    """Accumulation, clipping, validation every 5, periodic and top-3 checkpoints, early stopping.
+
+    Appended beyond small data: `training.early_stopping.min_delta=10` (the block leaves min_delta
+    unset): no validation can then improve val_loss by 10, so early stopping must stop exactly
+    `patience` validations after the first, at epoch 5 + 20 * 5 = 105 of the 200 asked for.
+    """
+    run = train_block(
+        tmp_path, ADVANCED_OPTIONS, *small(epoch=200, val=16, test=16),
+        "training.early_stopping.min_delta=10",
+    )  # fmt: skip
+    cfg = run.config
+    # the guide's aliases land on the canonical keys
+    assert cfg["evaluation"]["frequency"] == 5 and cfg["checkpoint"]["save_frequency"] == 10
+    assert "validation_frequency" not in cfg["training"] and "save_frequency" not in cfg["training"]
+    assert cfg["training"]["early_stopping"] == {
+        "patience": 20,
+        "monitor": "val_loss",
+        "mode": "min",
+        "min_delta": 10.0,
+    }
+
+    # validation every 5 epochs; early stopping after 20 validations without improvement
+    assert run.val_epochs() == list(range(5, 106, 5))
+    assert "early stopping" in run.log
+    state = run.checkpoint()
+    # 4 batches of 16 per epoch, one optimizer step per 4: 105 steps, not 420
+    assert state["progress"]["epoch"] == 105 and state["progress"]["global_step"] == 105
+    assert "x4 accumulation" in run.log
+    assert all("grad_norm" in e for e in run.events if "train_loss" in e)  # clipping is on
+
+    # every 10th epoch kept; best and top-3 by val_accuracy (max), ties keep the earlier epoch
+    assert run.files("epoch_*.pth") == [f"epoch_{e:04d}.pth" for e in range(10, 101, 10)]
+    ranked: list[tuple[float, int]] = []
+    for e in run.events:
+        if "val_accuracy" in e:
+            ranked = sorted([*ranked, (e["val_accuracy"], e["epoch"])], key=lambda t: t[0], reverse=True)[:3]
+    assert run.files("top_epoch_*.pth") == sorted(f"top_epoch_{epoch:04d}.pth" for _, epoch in ranked)
+    assert run.checkpoint("best.pth")["progress"]["epoch"] == ranked[0][1]
+    assert {"last.pth", "previous.pth"} <= set(run.files("*.pth"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distributed Training (and the my_experiment.yaml commands)
+
+
+@pytest.fixture
+def guide_env(tmp_path) -> dict[str, str]:
+    return shell_env(tmp_path)
+
+
+def experiment_small(out: Path, epoch: int = 2) -> list[str]:
+    """config/my_experiment.yaml made small: 2 steps of 8 images per epoch."""
+    return [f"output={out}", *small(epoch=epoch, train=16, batch=8, val=16, test=16)]
+
+
+def test_basic_training_and_resuming_commands(tmp_path, guide_env):
+    """Train; lose the last epoch and resume in place; train longer; warm-start a new run from a file."""
+    out = tmp_path / "out"
+    proc = guide_command(CMD_BASIC, *experiment_small(out), env=guide_env)
+    assert proc.returncode == 0, explain(proc)
+    run = Run(only_run_dir(out))
+    assert run.dir.name.endswith("_SimpleCNN_experiment") and "bf16 precision" in run.log
+    lrs = run.lr_by_epoch()
+    assert_close(lrs[1], 0.001)
+    assert_close(lrs[2], cosine(0.001, 1, 10))
+    finished = run.checkpoint()
+    assert finished["progress"]["global_step"] == 4
+
+    # A crash during epoch 2: only the epoch-1 checkpoint survives. Resuming the directory redoes
+    # epoch 2 and ends on the very same weights.
+    ckpt = run.dir / "checkpoints"
+    shutil.copy(ckpt / "previous.pth", ckpt / "last.pth")
+    proc = guide_command(CMD_RESUME_DIR, env=guide_env, substitute={GUIDE_RUN: str(run.dir)})
+    assert proc.returncode == 0, explain(proc)
+    assert "resumed at epoch 2" in run.log
+    resumed = run.checkpoint()
+    assert resumed["progress"]["global_step"] == 4
+    for key, tensor in finished["model"].items():
+        assert torch.equal(resumed["model"][key], tensor), key
+    assert run.val_epochs() == [1, 2]  # epoch 2 logged once, not twice
+
+    # Train the finished run for more epochs (epoch=3 appended after the guide's epoch=200).
+    proc = guide_command(CMD_RESUME_LONGER, "epoch=3", env=guide_env, substitute={GUIDE_RUN: str(run.dir)})
+    assert proc.returncode == 0, explain(proc)
+    longer = Run(run.dir)
+    assert longer.config["epoch"] == 3 and longer.val_epochs() == [1, 2, 3]
+    assert longer.checkpoint()["progress"]["global_step"] == 6
+    assert result_dirs(out) == [run.dir]
+
+    # A new run starting from that checkpoint file's full state.
+    last = run.dir / "checkpoints/last.pth"
+    proc = guide_command(
+        CMD_RESUME_FILE, *experiment_small(out, epoch=4), env=guide_env,
+        substitute={"path/to/checkpoint.pth": str(last)},
+    )  # fmt: skip
+    assert proc.returncode == 0, explain(proc)
+    (new_dir,) = [d for d in result_dirs(out) if d != run.dir]
+    warm = Run(new_dir)
+    assert warm.config["checkpoint"]["resume_from"] == str(last)
+    assert "resumed at epoch 4" in warm.log and warm.val_epochs() == [4]
+    assert warm.checkpoint()["progress"]["global_step"] == 8
+
+
+def test_debug_and_data_parallel_commands(tmp_path, guide_env):
+    out = tmp_path / "debug"
+    proc = guide_command(CMD_DEBUG, *experiment_small(out, epoch=5), env=guide_env)
+    assert proc.returncode == 0, explain(proc)
+    run = Run(only_run_dir(out))
+    assert run.config["debug"] is True
+    # one batch of train and val per epoch, for two epochs whatever `epoch` says
+    assert (run.checkpoint()["progress"]["epoch"], run.checkpoint()["progress"]["global_step"]) == (2, 2)
+    assert run.val_epochs() == [1, 2]
+
+    out = tmp_path / "dp"
+    proc = guide_command(CMD_DP, *experiment_small(out, epoch=1), env=guide_env)
+    assert proc.returncode == 0, explain(proc)
+    run = Run(only_run_dir(out))
+    assert run.config["gpu"]["use"] == "0,1,2,3"
+    if torch.cuda.device_count() >= 2:
+        assert "DataParallel" in run.log
+    else:  # no GPUs to spread over: one process, and the log says so
+        assert "1 process(es)" in run.log
+        assert "DataParallel needs CUDA" in proc.stdout + proc.stderr + run.log
+
+
+@pytest.mark.slow
+def test_ddp_command(tmp_path, guide_env):
+    out = tmp_path / "out"
+    proc = guide_command(
+        CMD_DDP, f"output={out}", *small(epoch=1, train=32, batch=8, val=16, test=16), env=guide_env
+    )
+    assert proc.returncode == 0, explain(proc)
+    run = Run(only_run_dir(out))
+    assert "2 process(es)" in run.log and "16 global" in run.log
+    state = run.checkpoint()
+    assert state["world_size"] == 2
+    assert state["progress"]["global_step"] == 2  # 32 images / (2 processes x 8)
+    assert json.loads((run.dir / "test/metrics.json").read_text())["test_accuracy"] >= 0
+
+
+@pytest.mark.slow
+def test_fsdp_command(tmp_path, guide_env):
+    out = tmp_path / "out"
+    proc = guide_command(CMD_FSDP, *experiment_small(out, epoch=1), env=guide_env)
+    assert proc.returncode == 0, explain(proc)
+    run = Run(only_run_dir(out))
+    assert re.search(r"FSDP2: [1-9]\d* block\(s\) sharded", run.log), run.log
+    assert "2 process(es)" in run.log
+    assert run.files("dcp_step_*")  # the sharded checkpoint ...
+    from src.models.small import SimpleCNN
+
+    SimpleCNN(width=64).load_state_dict(run.checkpoint()["model"])  # ... and the plain one beside it
+
+
+def test_fsdp_block(tmp_path):
+    """The block alone: FSDP2 in one process (a group of one), bf16 parameters, full sharding."""
+    run = train_block(tmp_path, FSDP, *small(epoch=1))
+    assert run.config["distributed"]["strategy"] == "fsdp"
+    assert re.search(r"FSDP2: \d+ block\(s\) sharded \(full_shard, torch.bfloat16 parameters", run.log)
+    assert run.files("dcp_step_*")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mixed precision
+
+
+def test_amp_block(tmp_path):
+    run = train_block(tmp_path, AMP, *small(epoch=1, train=16))
+    assert run.config["gpu"]["precision"] == "16"
+    assert re.search(r"\b16 precision", run.log)
+    assert run.checkpoint()["scaler"]["scale"] > 0  # fp16 trains with a (live) GradScaler
+
+
+def test_custom_precision_settings_block(tmp_path, user_env):
+    """my_model in bf16, compiled. `model.compile_backend=aot_eager` is appended: the default inductor
+    backend builds C++ kernels, minutes on a 2-core CI machine."""
+    run = train_block(
+        tmp_path, CUSTOM_PRECISION, "imports=[guide_user]", "model.compile_backend=aot_eager",
+        *small(epoch=1, train=32), env=user_env,
+    )  # fmt: skip
+    assert run.config["gpu"]["precision"] == "bf16" and "precision" not in run.config["model"]
+    assert "bf16 precision" in run.log and "compiling the model with torch.compile" in run.log
+    weights = run.checkpoint()["model"]
+    assert set(weights) == {"body.0.weight", "body.0.bias", "head.weight", "head.bias"}  # no _orig_mod.
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gradient accumulation, checkpointing
+
+
+def test_gradient_accumulation_block(tmp_path):
+    run = train_block(tmp_path, GRADIENT_ACCUMULATION, *small(epoch=2))
+    # 4 batches per epoch, one optimizer step per 4 batches
+    assert run.checkpoint()["progress"]["global_step"] == 2
+    train = [e for e in run.events if "train_loss" in e]
+    assert [e["step"] for e in train] == [1, 2]
+    assert all(e["grad_norm"] > 0 for e in train)
+
+
+def test_automatic_checkpointing_block(tmp_path):
+    run = train_block(tmp_path, AUTOMATIC_CHECKPOINTING, *small(epoch=10, train=16))
+    assert run.files("epoch_*.pth") == ["epoch_0010.pth"]
+    accuracy = {e["epoch"]: e["val_accuracy"] for e in run.events if "val_accuracy" in e}
+    best_epoch = max(accuracy, key=lambda epoch: (accuracy[epoch], -epoch))  # the first of the best
+    assert run.checkpoint("best.pth")["progress"]["epoch"] == best_epoch
+    assert run.checkpoint()["progress"]["epoch"] == 10
+    assert run.checkpoint("previous.pth")["progress"]["epoch"] == 9
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Learning rate scheduling and optimizers: an optimizer alternative and a scheduler alternative share a
+# run through `__base__: [optimizer file, scheduler file]`, both files verbatim.
+
+
+def train_pair(tmp_path: Path, optimizer: str, scheduler: str | None, *overrides: str) -> Run:
+    (tmp_path / "optimizer.yaml").write_text(optimizer)
+    bases = ["optimizer.yaml"]
+    if scheduler is not None:
+        (tmp_path / "scheduler.yaml").write_text(scheduler)
+        bases.append("scheduler.yaml")
+    return train_block(tmp_path, f"__base__: {bases}\n", *overrides, name="pair")
+
+
+def test_adamw_with_cosine_warm_restarts(tmp_path):
+    run = train_pair(
+        tmp_path, OPTIMIZERS["AdamW"], SCHEDULERS["CosineAnnealingWarmRestarts"],
+        *small(epoch=12, train=16),
+    )  # fmt: skip
+    lrs = run.lr_by_epoch()
+    for epoch in range(1, 11):
+        assert_close(lrs[epoch], cosine(0.001, epoch - 1, 10, 1e-6))
+    assert_close(lrs[11], 0.001)  # the restart; the next cycle lasts 20 epochs
+    assert_close(lrs[12], cosine(0.001, 1, 20, 1e-6))
+    group = run.checkpoint()["optimizer"]["param_groups"][0]
+    assert (group["weight_decay"], tuple(group["betas"])) == (0.01, (0.9, 0.999))
+
+
+def test_sgd_with_step_lr(tmp_path):
+    run = train_pair(tmp_path, OPTIMIZERS["SGD"], SCHEDULERS["StepLR"], *small(epoch=31, train=16))
+    lrs = run.lr_by_epoch()
+    assert all(lrs[epoch] == pytest.approx(0.1) for epoch in range(1, 31))
+    assert_close(lrs[31], 0.01)  # x0.1 after 30 epochs
+    state = run.checkpoint()["optimizer"]
+    assert state["param_groups"][0]["momentum"] == 0.9 and state["param_groups"][0]["weight_decay"] == 1e-4
+    assert all("momentum_buffer" in s for s in state["state"].values())
+
+
+def test_lion_with_reduce_on_plateau(tmp_path):
+    run = train_pair(tmp_path, OPTIMIZERS["Lion"], SCHEDULERS["ReduceLROnPlateau"], *small(epoch=3, train=16))
+    group = run.checkpoint()["optimizer"]["param_groups"][0]
+    assert (group["lr"], tuple(group["betas"]), group["weight_decay"]) == (1e-4, (0.9, 0.99), 0.01)
+    # the plateau scheduler is fed the monitored metric (checkpoint.monitor: val_loss) every epoch
+    scheduler = run.checkpoint()["scheduler"]
+    val_losses = [e["val_loss"] for e in run.events if "val_loss" in e]
+    assert scheduler["best"] == pytest.approx(min(val_losses))
+    assert (scheduler["mode"], scheduler["factor"], scheduler["patience"]) == ("min", 0.5, 10)
+    assert set(run.lr_by_epoch().values()) == {pytest.approx(1e-4)}  # no plateau in 3 epochs
+
+
+def test_warmup_schedule(tmp_path):
+    run = train_pair(tmp_path, OPTIMIZERS["AdamW"], WARMUP_SCHEDULE, *small(epoch=4, train=16))
+    lrs = run.lr_by_epoch()
+    for epoch in range(1, 5):  # linear from eta_min towards the base LR over T_up=10 epochs
+        assert_close(lrs[epoch], 1e-6 + (0.001 - 1e-6) * (epoch - 1) / 10)
+
+
+def test_schedule_free_optimizer(tmp_path):
+    run = train_pair(tmp_path, SCHEDULE_FREE, None, *small(epoch=2, train=32))
+    state = run.checkpoint()
+    group = state["optimizer"]["param_groups"][0]
+    assert group["warmup_steps"] == 1000 and group["k"] == 4  # 2 steps per epoch
+    assert group["train_mode"] is False  # saved with the evaluation weights in place
+    assert state["scheduler"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Monitoring, evaluation
+
+
+def test_tensorboard_block(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = train_block(tmp_path, TENSORBOARD, *small(epoch=2, tensorboard=True))
+    assert run.config["logging"]["log_dir"] == "logs"
+    assert not (run.dir / "tensorboard").exists()
+    events = EventAccumulator(str(run.dir / "logs"))
+    events.Reload()
+    # 4 steps per epoch, fewer than 100: train loss only at the end of each epoch
+    assert [s.step for s in events.Scalars("train_loss")] == [4, 8]
+    assert [s.step for s in events.Scalars("val_accuracy")] == [4, 8]
+    assert [e["step"] for e in run.events if "train_loss" in e] == [4, 8]
+
+
+def test_validation_configuration_block(tmp_path):
+    run = train_block(tmp_path, VALIDATION, *small(epoch=10, train=16))
+    assert run.val_epochs() == [5, 10]
+    val = [e for e in run.events if "val_loss" in e]
+    for name in ("accuracy", "f1_score", "precision", "recall"):
+        assert all(0 <= e[f"val_{name}"] <= 1 for e in val)
+    test = json.loads((run.dir / "test/metrics.json").read_text())
+    assert set(test) == {"test_accuracy", "test_f1_score", "test_precision", "test_recall", "test_loss"}
+    predictions = (run.dir / "test/predictions.csv").read_text().splitlines()
+    assert len(predictions) == 1 + 32  # a header and one row per test image
+    assert run.config["evaluator"] == {
+        "name": "classification_evaluator",
+        "num_classes": 10,
+        "average": "macro",
+    }
+
+
+def test_custom_evaluator_logs_to_the_runs_mlflow(tmp_path, user_env):
+    """The Custom Evaluation and Custom Metrics Logging snippets, as written, in one user evaluator."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = tmp_path / "out"
+    proc = run_script(
+        "train.py", "config/dummy.yaml", "imports=[guide_user.evaluators]", "evaluator=my_evaluator",
+        f"logging.mlflow_tracking_uri={uri}", f"output={out}", *small(epoch=2, mlflow=True), env=user_env,
+    )  # fmt: skip
+    assert proc.returncode == 0, explain(proc)
+    run = Run(only_run_dir(out))
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("SyntheticClassification")
+    (mlflow_run,) = client.search_runs([experiment.experiment_id])  # no stray run from the fluent API
+    assert mlflow_run.info.status == "FINISHED" and mlflow_run.info.run_name == run.dir.name
+    ours = [e["val_custom_metric"] for e in run.events if "val_custom_metric" in e]
+    assert len(ours) == 2
+    history = client.get_metric_history(mlflow_run.info.run_id, "val_custom_metric")
+    assert [m.value for m in history] == ours
+    logged = client.get_metric_history(mlflow_run.info.run_id, "custom_top2_percent")
+    # logged by the user's mlflow.log_metric at each validation, and once more at the test
+    assert len(logged) == 3 and [m.value for m in logged[:2]] == pytest.approx([100 * v for v in ours])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Performance optimization
+
+
+def test_model_compilation_block(tmp_path):
+    """torch.compile in the guide's default mode (aot_eager backend appended: no C++ build in CI)."""
+    run = train_block(tmp_path, COMPILATION, "model.compile_backend=aot_eager", *small(epoch=1))
+    assert run.config["model"]["compile"] is True and run.config["model"]["compile_mode"] == "default"
+    assert "compiling the model with torch.compile (mode=default" in run.log
+    assert not any(k.startswith("_orig_mod") for k in run.checkpoint()["model"])
+
+
+def test_data_loading_block(tmp_path):
+    run = train_block(tmp_path, DATA_LOADING, *small(epoch=2, train=32))
+    assert run.config["dataloader"] == {
+        "num_workers": 8, "pin_memory": True, "persistent_workers": True, "prefetch_factor": 2, "drop_last": False,
+    }  # fmt: skip
+    assert run.checkpoint()["progress"]["global_step"] == 4
+
+
+def test_memory_optimization_block(tmp_path):
+    run = train_block(tmp_path, MEMORY, *small(epoch=2, batch=None))
+    assert run.config["batch"] == 16 and run.config["model"]["gradient_checkpointing"] is True
+    assert "bf16 precision" in run.log and "activation checkpointing" in run.log
+    assert run.checkpoint()["progress"]["global_step"] == 2  # 4 batches / 4 per step, 2 epochs
+
+
+def test_profiling_block(tmp_path):
+    # wait 1 + warmup 1 + active 3 optimizer steps: 8 steps in 2 epochs are enough
+    run = train_block(tmp_path, PROFILING, *small(epoch=2))
+    traces = list((run.dir / "profile").glob("*.pt.trace.json*"))
+    assert len(traces) == 1, list((run.dir / "profile").iterdir())
+    trace = traces[0].read_text()
+    assert '"ProfilerStep#' in trace and "aten::conv2d" in trace
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Common issues
+
+
+def test_out_of_memory_block(tmp_path):
+    run = train_block(tmp_path, OUT_OF_MEMORY, *small(epoch=2, batch=None))
+    assert run.config["batch"] == 16 and run.config["training"]["accumulate_grad_batches"] == 4
+    assert "activation checkpointing" in run.log
+    assert run.checkpoint()["progress"]["global_step"] == 2
+
+
+def test_slow_training_block(tmp_path):
+    run = train_block(tmp_path, SLOW_TRAINING, "model.compile_backend=aot_eager", *small(epoch=1, train=32))
+    assert run.config["dataloader"]["num_workers"] == 8 and run.config["gpu"]["mixed_precision"] is True
+    assert "bf16 precision" in run.log and "compiling the model" in run.log
+
+
+def test_nan_loss_block(tmp_path):
+    run = train_block(tmp_path, NAN_LOSS, *small(epoch=1))
+    assert run.config["gpu"]["precision"] == "32" and "32 precision" in run.log
+    group = run.checkpoint()["optimizer"]["param_groups"][0]
+    assert group["lr"] == 1e-4
+    assert all("grad_norm" in e for e in run.events if "train_loss" in e)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Example training scripts
+
+
+@pytest.mark.slow
+def test_advanced_training_with_all_features_command(tmp_path, guide_env):
+    """config/advanced.yaml under 2 processes with the guide's overrides (batch=64 kept: 256 images)."""
+    out = tmp_path / "out"
+    proc = guide_command(
+        CMD_ALL_FEATURES, f"output={out}", *small(epoch=5, train=256, batch=None), env=guide_env
+    )
+    assert proc.returncode == 0, explain(proc)
+    run = Run(only_run_dir(out))
+    cfg = run.config
+    assert cfg["batch"] == 64 and cfg["optimizer"]["lr"] == 0.001 and cfg["gpu"]["mixed_precision"] is True
+    assert cfg["training"]["gradient_clip_norm"] == 1.0 and cfg["checkpoint"]["save_frequency"] == 5
+    assert "2 process(es)" in run.log and "bf16 precision" in run.log
+    assert "512 global (x4 accumulation)" in run.log  # 64 x 2 processes x 4
+    assert run.files("epoch_*.pth") == ["epoch_0005.pth"] and run.val_epochs() == [5]
+    assert run.checkpoint()["progress"]["global_step"] == 5  # 2 batches per process per epoch: 1 step
+    assert all("grad_norm" in e for e in run.events if "train_loss" in e)
