@@ -20,7 +20,7 @@ def parse(argv: list[str], prog: str, description: str, with_checkpoint: bool = 
     parser.add_argument(
         "--traceback", action="store_true", help="show Python tracebacks of errors (or TEMPLATE_TRACEBACK=1)"
     )
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # options may sit between the overrides
 
 
 def run_cli(main: Callable[[], int], show_traceback: bool) -> int:

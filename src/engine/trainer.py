@@ -180,8 +180,11 @@ class Trainer:
                 evaluator_job.result()  # never fork loader workers while another thread imports
             batches = iter(train.loader)
             if evaluator_job is None and val is not None:
-                # torchmetrics takes seconds to import: build the evaluator beside the first steps.
+                # torchmetrics takes seconds to import: build the evaluator beside the first steps
+                # (but not inside a profile, where a traced import would swamp the trace).
                 evaluator_job = in_background(build_evaluator, cfg, num_classes)
+                if profiler is not None:
+                    evaluator_job.result()
             i = st.batches_done
             while i < n_batches:
                 t0 = time.perf_counter()

@@ -203,11 +203,11 @@ class MlflowTracker(Tracker):
 
     def _end_fluent_run(self) -> None:
         """Close the fluent run that user code resumed on this thread (see `make_active`), if any."""
-        if os.environ.get("MLFLOW_RUN_ID") == self._run_id:
-            del os.environ["MLFLOW_RUN_ID"]
         mlflow = sys.modules.get("mlflow")
         if mlflow is None or self._run_id is None:
             return
+        if os.environ.get("MLFLOW_RUN_ID") == self._run_id:
+            del os.environ["MLFLOW_RUN_ID"]
         try:
             active = mlflow.active_run()
             if active is not None and active.info.run_id == self._run_id:
