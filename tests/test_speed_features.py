@@ -108,6 +108,7 @@ def test_ema_is_checkpointed_resumed_exactly_and_used_for_testing(tmp_path):
         "model.ema=0.5",
         "optimizer.name=SGD",
         "optimizer.lr=0.5",
+        "lr_scheduler.name=null",
         "evaluation.frequency=0",
     ]
     straight = train(tmp_path / "straight", *common)
