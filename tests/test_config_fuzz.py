@@ -17,6 +17,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from omegaconf import OmegaConf
 
 from src import register_builtins
 from src.config import load_config
@@ -29,8 +30,6 @@ DUMMY = ROOT / "config" / "dummy.yaml"
 register_builtins()
 
 # The fully merged dummy config as plain data: the valid starting point of every mutation.
-from omegaconf import OmegaConf  # noqa: E402
-
 VALID: dict[str, Any] = OmegaConf.to_container(load_config(DUMMY))  # type: ignore[assignment]
 
 
@@ -53,6 +52,7 @@ scalars = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=12),
     st.sampled_from(["auto", "cpu", "cuda", "bf16", "16", "fsdp", "ddp", "max", "0,1", "SimpleCNN", "AdamW"]),
+    st.sampled_from(["${batch}", "${oops", "${nowhere.key}", "${oc.env:NO_SUCH_VAR_XYZ}", "\\${x}"]),
 )
 values = st.recursive(
     scalars,
@@ -132,7 +132,12 @@ overrides = st.lists(
         st.builds(
             lambda k, v: f"{'.'.join(k)}={v}",
             st.sampled_from(PATHS),
-            st.one_of(st.text(max_size=10), st.sampled_from(["[1,2", "{a: 1}", "null", "1e-3", "-5", "0"])),
+            st.one_of(
+                st.text(max_size=10),
+                st.sampled_from(
+                    ["[1,2", "{a: 1}", "null", "1e-3", "-5", "0", "${epoch}", "${x", "!!binary aGk="]
+                ),
+            ),
         ),
         st.text(max_size=20),
     ),
@@ -162,6 +167,11 @@ def test_garbled_command_line_overrides_are_accepted_or_refused_in_one_line(args
         "epoch=.inf",
         "optimizer.lr=.nan",
         "seed=1e400",
+        "tag=${nowhere}",
+        "model.width=${oc.env:NO_SUCH_VAR_XYZ}",
+        "tag=!!python/name:os.system",
+        "dataset.root=x",
+        "model.name=",
     ],
 )
 def test_known_awkward_values(override):

@@ -56,7 +56,8 @@ def enable_activation_checkpointing(model: nn.Module) -> str:
     """Recompute activations of repeated blocks in backward, trading compute for memory.
 
     A model may offer `gradient_checkpointing_enable()`; otherwise every block held in an
-    nn.Sequential or nn.ModuleList (ResNet stages, transformer layers) is wrapped.
+    nn.Sequential or nn.ModuleList (ResNet stages, transformer layers) is wrapped, or, in a model
+    without such blocks, each of its top-level parts.
     """
     if hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
@@ -76,6 +77,8 @@ def enable_activation_checkpointing(model: nn.Module) -> str:
         and not isinstance(child, (nn.Sequential, nn.ModuleList))
         and len(list(child.children())) > 0
     }
+    if not blocks:  # no repeated blocks (a small CNN, an MLP): recompute each top-level part instead
+        blocks = {id(child) for child in model.children() if any(True for _ in child.parameters())}
     if not blocks:
         raise ConfigError(
             "model.gradient_checkpointing: found no repeated blocks to checkpoint in this model"
