@@ -54,12 +54,11 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def refused_in_process(text: str = "", overrides: tuple[str, ...] = (), tmp_path: Path | None = None) -> str:
+def refused_in_process(tmp_path: Path, text: str, overrides: list[str]) -> str:
     """The ConfigError message for an experiment file `text` (inheriting dummy.yaml) plus overrides."""
-    assert tmp_path is not None
     exp = write(tmp_path / "exp.yaml", f"__base__: {ROOT / DUMMY}\n{text}")
     with pytest.raises(ConfigError) as err:
-        preflight(load_config(exp, list(overrides)))
+        preflight(load_config(exp, overrides))
     message = str(err.value)
     assert "\n" not in message
     return message
@@ -121,7 +120,7 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
     ],
 )
 def test_config_error_table(tmp_path, text, overrides, words):
-    assert_words(refused_in_process(text, tuple(overrides), tmp_path), *words)
+    assert_words(refused_in_process(tmp_path, text, overrides), *words)
 
 
 def test_missing_config_and_missing_or_cyclic_base(tmp_path):
@@ -206,7 +205,7 @@ def test_imports_that_cannot_be_found(module, words):
     ],
 )
 def test_component_argument_errors_before_anything_is_built(tmp_path, overrides, words):
-    assert_words(refused_in_process("", tuple(overrides), tmp_path), *words)
+    assert_words(refused_in_process(tmp_path, "", overrides), *words)
 
 
 # ---------------------------------------------------------------------- data

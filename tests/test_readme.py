@@ -109,3 +109,18 @@ def test_readme_block_runs(index, tmp_path):
                 run / "checkpoints/last.pth"
             ).stat().st_mtime
     assert ran, f"README block {index} has no command that runs here"
+
+
+def test_warm_start_with_nothing_left_to_train_is_refused_up_front(tmp_path):
+    """A checkpoint already past `epoch` would make a run that trains nothing and has nothing to test."""
+    checkpoint = tmp_path / "late.pth"
+    torch.save({"model": {}, "progress": {"epoch": 5, "global_step": 20}}, checkpoint)
+    out = tmp_path / "out"
+    proc = run_shell(
+        shlex.join(["python", "train.py", "config/dummy.yaml", "epoch=3", f"checkpoint.resume_from={checkpoint}",
+                    f"output={out}", *SMALL]),
+        env=shell_env(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 2, explain(proc)
+    assert "has trained 5 epoch(s) and epoch=3" in proc.stderr and "set epoch above 5" in proc.stderr
+    assert not result_dirs(out)

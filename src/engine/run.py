@@ -189,6 +189,13 @@ def _warm_state(cfg: DictConfig) -> dict[str, Any]:
         raise RunError(
             f"{cfg.checkpoint.resume_from} holds weights only; use model.pretrained_weight=<file> for it"
         )
+    done = int(state["progress"].get("epoch", 0))
+    if done >= int(cfg.epoch) and not cfg.debug:
+        raise ConfigError(
+            f"checkpoint.resume_from={cfg.checkpoint.resume_from} has trained {done} epoch(s) and epoch={cfg.epoch}: "
+            f"nothing is left to train; set epoch above {done}, or checkpoint.weights_only_resume=true to start "
+            "over from its weights"
+        )
     return state
 
 
