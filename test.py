@@ -9,9 +9,12 @@ def main() -> int:
     args = parse(sys.argv[1:], "test.py", __doc__, with_checkpoint=True)
 
     def go() -> int:
+        from src.config import load_config
+
+        cfg = load_config(args.config, args.overrides)  # a configuration error answers before torch loads
         from src.engine.run import test_main
 
-        return test_main(args.config, args.overrides, args.checkpoint)
+        return test_main(args.config, args.overrides, args.checkpoint, cfg=cfg)
 
     return run_cli(go, args.traceback)
 

@@ -9,9 +9,12 @@ def main() -> int:
     args = parse(sys.argv[1:], "train.py", __doc__)
 
     def go() -> int:
+        from src.config import load_config
+
+        cfg = load_config(args.config, args.overrides)  # a configuration error answers before torch loads
         from src.engine.run import train_main
 
-        return train_main(args.config, args.overrides)
+        return train_main(args.config, args.overrides, cfg=cfg)
 
     return run_cli(go, args.traceback)
 

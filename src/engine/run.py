@@ -32,10 +32,10 @@ from src.tracking import setup_logging
 log = logging.getLogger("template")
 
 
-def train_main(config_path: str | Path, overrides: list[str]) -> int:
+def train_main(config_path: str | Path, overrides: list[str], cfg: DictConfig | None = None) -> int:
     """Train (or resume) the run described by `config_path`; returns the process exit code."""
     config_path = Path(config_path)
-    cfg = load_config(config_path, overrides)
+    cfg = cfg if cfg is not None else load_config(config_path, overrides)
     import_user_modules(list(cfg.imports))
     preflight(cfg)
     ctx = dist_utils.setup(cfg)
@@ -88,10 +88,12 @@ def train_main(config_path: str | Path, overrides: list[str]) -> int:
         dist_utils.cleanup()
 
 
-def test_main(config_path: str | Path, overrides: list[str], checkpoint: str | None) -> int:
+def test_main(
+    config_path: str | Path, overrides: list[str], checkpoint: str | None, cfg: DictConfig | None = None
+) -> int:
     """Evaluate a finished (or stopped) run on its test split, writing `test/` in its directory."""
     config_path = Path(config_path)
-    cfg = load_config(config_path, overrides)
+    cfg = cfg if cfg is not None else load_config(config_path, overrides)
     import_user_modules(list(cfg.imports))
     preflight(cfg)
     if not cfg.run_dir:
