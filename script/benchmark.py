@@ -373,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="benchmark_") as tmp:
         work = Path(tmp)
         for r in range(p.rounds):
-            for name in ("bare", "trainer"):
+            # Alternate who goes first, so a machine getting busier or quieter favours neither.
+            for name in ("bare", "trainer") if r % 2 == 0 else ("trainer", "bare"):
                 CLOCK.start(p.batch)
                 reset_peak(p.device)
                 if name == "bare":
@@ -396,11 +397,10 @@ def main(argv: list[str] | None = None) -> int:
         times = startup(p, args.startup_rounds, work) if args.startup_rounds else None
 
     ratios = [t / b for t, b in zip(results["trainer"], results["bare"], strict=True)]
-    bare_mean, trainer_mean = statistics.median(results["bare"]), statistics.median(results["trainer"])
     print(f"\n== {args.preset} ({machine()})")
     print(f"bare loop step time    (mean per round, ms): {spread(results['bare'])}")
     print(f"Trainer step time      (mean per round, ms): {spread(results['trainer'])}")
-    print(f"step-time ratio Trainer/bare: {trainer_mean / bare_mean:.3f}  "
+    print(f"step-time ratio Trainer/bare (median over rounds): {statistics.median(ratios):.3f}  "
           f"(per round: {', '.join(f'{x:.3f}' for x in ratios)})")  # fmt: skip
     typical = statistics.median(results["trainer_median"]) / statistics.median(results["bare_median"])
     print(f"typical-step ratio (median step, epoch ends excluded): {typical:.3f}")

@@ -39,8 +39,7 @@ def start_trackers(cfg: DictConfig, run_dir: Path, saved: dict | None, step: int
         mlflow = MlflowTracker(
             cfg.logging.mlflow_tracking_uri, experiment_name(cfg), run_dir.name, tags, run_id=run_id
         )
-        mlflow.make_active()  # mlflow.log_metric(...) in user code goes to this run
-        trackers.append(mlflow)
+        trackers.append(mlflow)  # activate_mlflow() points user code at it once it is needed
     multi = MultiTracker(trackers)
     if saved:
         multi.resume(saved)
@@ -50,6 +49,19 @@ def start_trackers(cfg: DictConfig, run_dir: Path, saved: dict | None, step: int
         multi.log_params(_flatten(OmegaConf.to_container(cfg, resolve=True)))
         multi.log_artifact(run_dir / "config.yaml")
     return multi
+
+
+def activate_mlflow(trackers: Any) -> None:
+    """Make `mlflow.log_metric(...)` in user code (a custom evaluator) land in this run's MLflow run.
+
+    Waits until the run exists, which takes seconds on a new store; the trainer calls it before the
+    first validation rather than at start, so opening the store does not hold up the first step.
+    """
+    from src.tracking import MlflowTracker
+
+    for tracker in getattr(trackers, "trackers", []):
+        if isinstance(tracker, MlflowTracker):
+            tracker.make_active()
 
 
 def _git_tags() -> dict[str, str]:

@@ -84,6 +84,7 @@ class Trainer:
         self.state = TrainState()
         self.stop = StopRequest()
         self.trackers: Any = None
+        self.tracking_active = False
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainState:
@@ -277,6 +278,7 @@ class Trainer:
                 eval_model = ema.module if ema is not None else model
                 assert evaluator_job is not None
                 evaluator = evaluator_job.result()
+                self._activate_user_tracking()
                 val_bar = self._progress(1 if debug else len(val.loader), f"val {epoch + 1}/{epochs}")
                 metrics.update(
                     evaluate(eval_model, val.loader, val.sampler.num_valid, loss_fn, evaluator, precision, ctx.device,
@@ -303,6 +305,7 @@ class Trainer:
                 return self._preempted()
         if profiler is not None:
             profiler.stop()
+        self._activate_user_tracking()  # the test split's evaluator runs next
         st.finished = True
         return st
 
@@ -648,6 +651,14 @@ class Trainer:
         return self.state
 
     # ------------------------------------------------------------------ tracking
+    def _activate_user_tracking(self) -> None:
+        """From here on user code may call mlflow.log_metric; the first call waits for the MLflow run."""
+        if self.trackers is not None and not self.tracking_active:
+            from src.engine.trackers import activate_mlflow
+
+            activate_mlflow(self.trackers)
+            self.tracking_active = True
+
     def _start_trackers(self) -> Any:
         if not self.ctx.is_main:
             return None
