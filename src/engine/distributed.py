@@ -88,9 +88,13 @@ def setup(cfg: Any) -> DistContext:
     else:
         rank, world, local_rank, local_world = 0, 1, 0, 1
         if strategy == "auto":
-            strategy = "dp" if kind == "cuda" and len(ids) > 1 else "none"
+            strategy = "dp" if len(ids) > 1 else "none"
         if strategy == "dp" and kind != "cuda":
-            log.warning("DataParallel needs CUDA; training on %s in one process", kind)
+            log.warning(
+                "gpu.use=%s asks for DataParallel, which needs CUDA: training on %s in one process",
+                cfg.gpu.use,
+                kind,
+            )
             strategy = "none"
 
     if kind == "cuda":

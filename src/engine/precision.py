@@ -61,7 +61,20 @@ def resolve_precision(gpu_cfg: Any, device: torch.device) -> Precision:
     else:
         name = "32"
     device_type = device.type if device.type in ("cuda", "cpu", "mps") else "cpu"
+    if device_type == "cpu" and name != "32" and not _cpu_has_native_bf16():
+        log.warning(
+            "%s autocast on this CPU (%s) is emulated and can be many times slower than fp32; "
+            "set gpu.mixed_precision=false gpu.precision=32 for CPU runs",
+            "bf16" if name == "bf16" else "fp16", torch.backends.cpu.get_cpu_capability(),
+        )  # fmt: skip
     return Precision(name, device_type)
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def configure_backends(gpu_cfg: Any) -> None:
