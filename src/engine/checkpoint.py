@@ -34,18 +34,23 @@ def atomic_save(state: dict[str, Any], names: list[Path]) -> None:
         f.flush()
         os.fsync(f.fileno())
     for name in names:
-        staged = name.with_name(f".{name.name}.{os.getpid()}.link")
-        if staged.exists():
-            staged.unlink()
-        try:
-            os.link(tmp, staged)
-        except OSError:  # file systems without hard links: copy
-            import shutil
-
-            shutil.copyfile(tmp, staged)
-        os.replace(staged, name)
+        publish(tmp, name)
     tmp.unlink()
     _fsync_dir(folder)
+
+
+def publish(source: Path, name: Path) -> None:
+    """Give `source`'s content the path `name` in one atomic rename: readers see the old or the new file."""
+    staged = name.with_name(f".{name.name}.{os.getpid()}.link")
+    if staged.exists():
+        staged.unlink()
+    try:
+        os.link(source, staged)
+    except OSError:  # file systems without hard links: copy
+        import shutil
+
+        shutil.copyfile(source, staged)
+    os.replace(staged, name)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -39,6 +39,7 @@ from src.engine.checkpoint import (
     describe_mismatch,
     load_checkpoint,
     newest_valid_checkpoint,
+    publish,
     remove_partial_writes,
     restore_rng,
     safe_load,
@@ -148,7 +149,9 @@ class Trainer:
         # MFU on a GPU whose peak is known: the FLOPs of a training step are counted once, here.
         self.peak_flops = peak_flops(ctx.device)
         self.flops_per_sample = (
-            train_flops_per_sample(lambda: build_model(cfg, num_classes), train.dataset[0], int(cfg.batch), loss_fn)
+            train_flops_per_sample(
+                lambda: build_model(cfg, num_classes), train.dataset[0], int(cfg.batch), loss_fn
+            )
             if self.peak_flops
             else None
         )
@@ -171,7 +174,9 @@ class Trainer:
             n_batches = 1 if debug else len(sizes)
             # A resumed run continues the logging window the checkpoint was saved in (rank 0 holds the sum).
             carried = ctx.is_main and st.batches_done > 0
-            window_loss = torch.full((), st.window_loss_sum if carried else 0.0, device=ctx.device, dtype=torch.float64)
+            window_loss = torch.full(
+                (), st.window_loss_sum if carried else 0.0, device=ctx.device, dtype=torch.float64
+            )
             window_samples = st.window_samples if carried else 0
             window_steps, window_start = 0, time.perf_counter()
             data_wait = 0.0
@@ -257,7 +262,9 @@ class Trainer:
                 else:
                     stop = self.stop.requested
                 if stop:
-                    self._save([], f"{self.stop.signal_name or 'stop request'}", (window_loss, window_samples))
+                    self._save(
+                        [], f"{self.stop.signal_name or 'stop request'}", (window_loss, window_samples)
+                    )
                     bar.close()
                     return self._preempted()
                 if save_every and st.global_step % save_every == 0 and i < n_batches:
@@ -374,7 +381,11 @@ class Trainer:
             return
         st = self.state
         if bar is not None and "train_loss" in metrics:
-            shown = {"loss": metrics["train_loss"], "lr": metrics["lr"], "samples/s": metrics["samples_per_sec"]}
+            shown = {
+                "loss": metrics["train_loss"],
+                "lr": metrics["lr"],
+                "samples/s": metrics["samples_per_sec"],
+            }
             bar.update(0, **shown)
         if self.trackers is not None:
             self.trackers.log_metrics(metrics, step=st.global_step, epoch=st.epoch + 1)
@@ -474,12 +485,19 @@ class Trainer:
         return st.stale_epochs >= int(es.patience)
 
     # ------------------------------------------------------------------ checkpoints
-    def _save(self, extra_names: list[str], reason: str, window: tuple[torch.Tensor, int] | None = None) -> None:
+    def _save(
+        self, extra_names: list[str], reason: str, window: tuple[torch.Tensor, int] | None = None
+    ) -> None:
         """Write last.pth (+ extra names) on rank 0; under FSDP also the sharded DCP folder."""
         cfg, ctx, st = self.cfg, self.ctx, self.state
         st.window_loss_sum, st.window_samples = 0.0, 0
         if window is not None:  # mid-epoch: keep the unlogged losses so the resumed log window is whole
-            totals = torch.stack([window[0].double(), torch.tensor(float(window[1]), dtype=torch.float64, device=window[0].device)])
+            totals = torch.stack(
+                [
+                    window[0].double(),
+                    torch.tensor(float(window[1]), dtype=torch.float64, device=window[0].device),
+                ]
+            )
             if ctx.distributed:
                 totals = totals.to(ctx.device if ctx.device.type == "cuda" else "cpu")
                 dist_utils.all_reduce_sum(totals)
@@ -509,8 +527,8 @@ class Trainer:
             names = set(extra_names)
             if cfg.checkpoint.save_last or not names:
                 last = self.ckpt_dir / "last.pth"
-                if last.exists():
-                    os.replace(last, self.ckpt_dir / "previous.pth")
+                if last.exists():  # keep the one before; last.pth itself never disappears
+                    publish(last, self.ckpt_dir / "previous.pth")
                 names.add("last.pth")
             atomic_save(state, [self.ckpt_dir / n for n in sorted(names)])
             self._prune()
@@ -703,7 +721,9 @@ def fused_on_cuda(section: Any, device: torch.device) -> Any:
         return section
     if any(key in section for key in ("fused", "foreach", "differentiable", "capturable")):
         return section
-    log.info("optimizer %s: fused CUDA kernel (set optimizer.fused=false to turn it off)", section.get("name"))
+    log.info(
+        "optimizer %s: fused CUDA kernel (set optimizer.fused=false to turn it off)", section.get("name")
+    )
     return OmegaConf.merge(section, {"fused": True})
 
 
