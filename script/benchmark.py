@@ -11,15 +11,16 @@ every epoch end; only validation is off, because the bare loop has none.
 
 Step time is read from the data itself: the dataset stamps the clock when a batch's first item is
 fetched, so the time between two stamps is one whole step (loading, forward, backward, optimizer,
-and whatever the loop does around them, epoch-end checkpoints included) for both loops alike. The
-first epoch of each run is warm-up and not counted. Then `python train.py` and a bare script are
-started as subprocesses to compare the time to the first finished step and the peak memory.
+and whatever the loop does around them, epoch-end checkpoints included) for both loops alike. A
+first round, and the first epoch of every run, are warm-up and not counted. Then `python train.py`
+and a bare script are started as subprocesses to compare the time to the first step and the memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import os
 import statistics
@@ -73,7 +74,7 @@ PRESETS = {
         model={"name": "resnet18"},
         input_shape=(3, 32, 32),
         batch=32,
-        steps_per_epoch=20,
+        steps_per_epoch=40,
         epochs=3,
         rounds=3,
         bare_model="__import__('torchvision').models.resnet18(num_classes=10)",
@@ -389,6 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     reported: list[float] = []
     with tempfile.TemporaryDirectory(prefix="benchmark_") as tmp:
         work = Path(tmp)
+        # A warm-up round, not counted: imports, the MLflow store and the allocator settle first.
+        CLOCK.start(p.batch)
+        bare_loop(dataclasses.replace(p, epochs=1), seed=0)
+        trainer_loop(dataclasses.replace(p, epochs=1), work / "trainer", seed=0)
         for r in range(p.rounds):
             # Alternate who goes first, so a machine getting busier or quieter favours neither.
             for name in ("bare", "trainer") if r % 2 == 0 else ("trainer", "bare"):

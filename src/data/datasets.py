@@ -1,0 +1,281 @@
+"""Built-in datasets and `build_dataset`, which adds the template's stratified `subsample`.
+
+Every dataset takes `split` ("train", "val" or "test") and `transform`, returns (float tensor, int)
+items, and exposes `num_classes`, `classes` and `targets` so that subsampling, evaluators and
+reports never have to load an image to learn the labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchvision.datasets as tvd
+from torch.utils.data import Dataset, Subset
+
+from src.data.transforms import SPLITS, EnsureFloat, to_container
+from src.errors import ConfigError, RunError
+from src.registry import DATASET_REGISTRY
+
+log = logging.getLogger(__name__)
+
+
+def _check_split(split: str, where: str) -> None:
+    if split not in SPLITS:
+        raise ConfigError(f"{where}: split must be one of {', '.join(SPLITS)}, got '{split}'")
+
+
+@DATASET_REGISTRY.register()
+class SyntheticClassification(Dataset):
+    """Random but learnable classes, identical in every process: the no-download dataset of dummy runs.
+
+    Each class owns a fixed prototype (for image shapes, smooth colour gradients, so that CNNs
+    with global pooling can learn it, not only MLPs); an item is its class prototype plus Gaussian noise. Prototypes depend only on
+    `seed`, the noise on (seed, split, index), so items are made on demand without storing them.
+    """
+
+    def __init__(
+        self,
+        split: str,
+        transform: Callable | None = None,
+        num_classes: int = 10,
+        input_shape: Sequence[int] = (3, 32, 32),
+        train_size: int = 512,
+        val_size: int = 128,
+        test_size: int = 128,
+        noise: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        _check_split(split, "SyntheticClassification")
+        if num_classes < 1:
+            raise ConfigError(f"dataset.num_classes must be at least 1, got {num_classes}")
+        self.split = split
+        self.transform = transform
+        self.num_classes = int(num_classes)
+        self.classes = [f"class_{i}" for i in range(self.num_classes)]
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.noise = float(noise)
+        size = {"train": train_size, "val": val_size, "test": test_size}[split]
+        # Seeds seed*4 (prototypes) and seed*4+1..3 (splits) never collide across seeds or splits.
+        self._split_seed = int(seed) * 4 + 1 + SPLITS.index(split)
+        self.prototypes = self._prototypes(torch.Generator().manual_seed(int(seed) * 4))
+        gen = torch.Generator().manual_seed(self._split_seed)
+        labels = torch.arange(size) % self.num_classes  # balanced: class counts differ by at most one
+        self.targets: list[int] = labels[torch.randperm(size, generator=gen)].tolist()
+
+    def _prototypes(self, gen: torch.Generator) -> torch.Tensor:
+        shape = self.input_shape
+        if len(shape) == 3:  # (C, H, W): a coarse 2x2 pattern upsampled into smooth colour gradients
+            coarse = torch.randn(self.num_classes, shape[0], 2, 2, generator=gen)
+            smooth = F.interpolate(coarse, size=shape[1:], mode="bilinear", align_corners=False)
+            return smooth / smooth.std()
+        return torch.randn(self.num_classes, *shape, generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        target = self.targets[index]
+        gen = torch.Generator().manual_seed((self._split_seed << 32) + int(index))
+        x = self.prototypes[target] + self.noise * torch.randn(self.input_shape, generator=gen)
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, target
+
+
+class _FixedClassFolder(tvd.ImageFolder):
+    """torchvision's ImageFolder with the class list imposed, so every split maps a name to one label."""
+
+    def __init__(self, root: str, classes: list[str], transform: Callable | None) -> None:
+        self._classes = classes
+        super().__init__(root, transform=transform, allow_empty=True)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return self._classes, {name: i for i, name in enumerate(self._classes)}
+
+
+def _subfolders(path: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(path) if e.is_dir())
+
+
+@DATASET_REGISTRY.register()
+class ImageFolder(Dataset):
+    """Images laid out as root/<split>/<class_name>/<image>; class names come from root/train."""
+
+    def __init__(self, root: str, split: str, transform: Callable | None = None) -> None:
+        _check_split(split, "ImageFolder")
+        layout = "expected root/{train,val,test}/<class_name>/<image files>"
+        root = os.path.abspath(os.path.expanduser(str(root)))
+        if not os.path.isdir(root):
+            raise RunError(f"ImageFolder: dataset.root '{root}' does not exist ({layout})")
+        folder = os.path.join(root, split)
+        if split == "test" and not os.path.isdir(folder):
+            log.warning("ImageFolder: no test split at %s; testing on the val split instead", folder)
+            folder = os.path.join(root, "val")
+        if not os.path.isdir(folder):
+            raise RunError(f"ImageFolder: split folder '{folder}' does not exist ({layout})")
+        train = os.path.join(root, "train")
+        self.classes = _subfolders(train if os.path.isdir(train) else folder)
+        stray = sorted(set(_subfolders(folder)) - set(self.classes))
+        if stray:
+            raise RunError(
+                f"ImageFolder: class folder(s) {stray} in '{folder}' have no counterpart in '{train}'"
+            )
+        self.num_classes = len(self.classes)
+        self.root = folder
+        self._folder = _FixedClassFolder(folder, self.classes, EnsureFloat(transform))
+        if len(self._folder) == 0:
+            raise RunError(f"ImageFolder: no images found under '{folder}' ({layout})")
+        self.targets: list[int] = list(self._folder.targets)
+
+    def __len__(self) -> int:
+        return len(self._folder)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self._folder[index]
+
+
+class _TorchvisionClassification(Dataset):
+    """A torchvision train/test set with an optional val split held out of train.
+
+    With `val_from_train=N`, N train images picked by a fixed permutation become val (the same
+    ones in every run); with 0, val and test are both the official test set.
+    """
+
+    source: type = tvd.VisionDataset
+
+    def __init__(
+        self,
+        split: str,
+        transform: Callable | None = None,
+        root: str = "data",
+        download: bool = False,
+        val_from_train: int = 0,
+    ) -> None:
+        name = type(self).__name__
+        _check_split(split, name)
+        val_from_train = int(val_from_train)
+        if val_from_train < 0:
+            raise ConfigError(f"{name}: dataset.val_from_train must be >= 0, got {val_from_train}")
+        use_train = split == "train" or (split == "val" and val_from_train > 0)
+        self.base = self._load(root, use_train, download, EnsureFloat(transform))
+        self.classes = list(self.base.classes)
+        self.num_classes = len(self.classes)
+        targets = [int(t) for t in self.base.targets]
+        self.indices: list[int] | None = None
+        if use_train and val_from_train > 0:
+            if val_from_train >= len(targets):
+                raise ConfigError(
+                    f"{name}: dataset.val_from_train={val_from_train} leaves no training images "
+                    f"(the train set has {len(targets)})"
+                )
+            order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(0))
+            chosen = order[:val_from_train] if split == "val" else order[val_from_train:]
+            self.indices = sorted(chosen.tolist())
+            targets = [targets[i] for i in self.indices]
+        self.targets: list[int] = targets
+
+    def _load(self, root: str, train: bool, download: bool, transform: Callable) -> Any:
+        name = type(self).__name__
+        expected = getattr(self.source, "base_folder", None) or os.path.join(self.source.__name__, "raw")
+        where = os.path.join(os.path.abspath(os.path.expanduser(str(root))), expected)
+        try:
+            return self.source(str(root), train=train, transform=transform, download=bool(download))
+        except RuntimeError as err:
+            if download:
+                raise RunError(f"{name}: download into '{where}' failed: {err}") from err
+            raise RunError(
+                f"{name}: dataset files not found in '{where}'; set dataset.download=true to fetch them "
+                f"or point dataset.root at the folder that holds '{expected}'"
+            ) from err
+        except OSError as err:  # network failures while downloading, unreadable files otherwise
+            action = "download into" if download else "reading"
+            raise RunError(f"{name}: {action} '{where}' failed: {err}") from err
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x, y = self.base[self.indices[index] if self.indices is not None else index]
+        return x, int(y)
+
+
+@DATASET_REGISTRY.register()
+class CIFAR10(_TorchvisionClassification):
+    source = tvd.CIFAR10
+
+
+@DATASET_REGISTRY.register()
+class CIFAR100(_TorchvisionClassification):
+    source = tvd.CIFAR100
+
+
+@DATASET_REGISTRY.register()
+class MNIST(_TorchvisionClassification):
+    source = tvd.MNIST
+
+
+@DATASET_REGISTRY.register()
+class FashionMNIST(_TorchvisionClassification):
+    source = tvd.FashionMNIST
+
+
+class LabeledSubset(Subset):
+    """A Subset that still answers num_classes, classes and targets like the dataset it cuts."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
+        super().__init__(dataset, list(indices))
+        self.num_classes = dataset_num_classes(dataset)
+        self.classes = getattr(dataset, "classes", None)
+        targets = getattr(dataset, "targets", None)
+        self.targets = None if targets is None else [int(targets[i]) for i in self.indices]
+
+
+def stratified_indices(targets: Sequence[int] | torch.Tensor, fraction: float, seed: int = 0) -> list[int]:
+    """A fixed random share `fraction` of each class (at least one item of each), in dataset order."""
+    targets = torch.as_tensor(targets)
+    gen = torch.Generator().manual_seed(seed)
+    keep: list[torch.Tensor] = []
+    for label in torch.unique(targets).tolist():
+        members = torch.nonzero(targets == label).flatten()
+        count = max(1, int(fraction * len(members) + 0.5))
+        keep.append(members[torch.randperm(len(members), generator=gen)[:count]])
+    return sorted(torch.cat(keep).tolist()) if keep else []
+
+
+def build_dataset(section: Mapping[str, Any] | str, split: str, transform: Callable | None) -> Dataset:
+    """The configured dataset for one split, cut to `subsample` of every class when below 1."""
+    section = to_container(section)
+    section = {"name": section} if isinstance(section, str) else dict(section)
+    fraction = float(section.pop("subsample", 1.0))
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"dataset.subsample must be in (0, 1], got {fraction}")
+    dataset = DATASET_REGISTRY.build(section, split=split, transform=transform)
+    if fraction == 1.0:
+        return dataset
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        log.warning(
+            "dataset '%s' has no `targets`; subsample=%s takes a uniform random share instead of a stratified one",
+            section["name"],
+            fraction,
+        )
+        n = len(dataset)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+        indices = sorted(order[: max(1, int(fraction * n + 0.5))].tolist())
+    else:
+        indices = stratified_indices(targets, fraction)
+    return LabeledSubset(dataset, indices)
+
+
+def dataset_num_classes(dataset: Any) -> int | None:
+    """The class count a dataset declares (num_classes, else len(classes)), or None if it says nothing."""
+    num = getattr(dataset, "num_classes", None)
+    if num is not None:
+        return int(num)
+    classes = getattr(dataset, "classes", None)
+    return len(classes) if classes is not None else None
