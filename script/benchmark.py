@@ -409,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                 steps = steady_step_times(p)
                 results.setdefault(name, []).append(statistics.fmean(steps))
                 results.setdefault(f"{name}_median", []).append(statistics.median(steps))
+                results.setdefault(f"{name}_p10", []).append(statistics.quantiles(steps, n=10)[0])
                 results.setdefault(f"{name}_cpu", []).append(statistics.fmean(steady_step_times(p, cpu=True)))
                 mem = peak_memory_gb(p.device)
                 if mem is not None:
@@ -424,8 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Trainer step time      (mean per round, ms): {spread(results['trainer'])}")
     print(f"step-time ratio Trainer/bare (median over rounds): {statistics.median(ratios):.3f}  "
           f"(per round: {', '.join(f'{x:.3f}' for x in ratios)})")  # fmt: skip
-    typical = statistics.median(results["trainer_median"]) / statistics.median(results["bare_median"])
-    print(f"typical-step ratio (median step, epoch ends excluded): {typical:.3f}")
+    for key, what in (("median", "median step"), ("p10", "10th-percentile step, the quiet ones")):
+        per_round = [t / b for t, b in zip(results[f"trainer_{key}"], results[f"bare_{key}"], strict=True)]
+        print(f"{what} ratio, epoch ends and log steps left out: {statistics.median(per_round):.3f} "
+              f"(per round: {', '.join(f'{x:.3f}' for x in per_round)})")  # fmt: skip
     cpu = [t / b for t, b in zip(results["trainer_cpu"], results["bare_cpu"], strict=True)]
     print(f"main-thread CPU time per step (ms): bare {spread(results['bare_cpu'])}, "
           f"Trainer {spread(results['trainer_cpu'])}; ratio {statistics.median(cpu):.3f} "
