@@ -150,7 +150,16 @@ def epoch_weights(reference: Path, epoch: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_ddp_two_processes_match_one_process(experiment, reference, tmp_path):
-    proc = launch("2", "train.py", str(experiment), f"output={tmp_path}", "batch=32", "epoch=2")
+    # drop_last changes nothing in training (256 = 4 x 64) and must not cut validation or testing short.
+    proc = launch(
+        "2",
+        "train.py",
+        str(experiment),
+        f"output={tmp_path}",
+        "batch=32",
+        "epoch=2",
+        "dataloader.drop_last=true",
+    )
     assert proc.returncode == 0, explain(proc)
     assert "2 process(es)" in proc.stderr and "batch 32 per process, 64 global" in proc.stderr
     run = only_run_dir(tmp_path)  # rank 0 alone made a directory, and every rank used it

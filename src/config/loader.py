@@ -97,6 +97,8 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
         except yaml.YAMLError as err:
             hint = "" if _refused_tag(err) else "; quote text, e.g. 'tag=\"a: b\"'"
             raise ConfigError(f"override {item!r}: {_yaml_problem(err)}{hint}") from None
+        if key == "tag" and value is not None and not isinstance(value, (str, dict, list)):
+            value = text.strip()  # a tag is a name: `tag=1e3` stays "1e3", not 1000.0
         node = result
         *parents, leaf = key.split(".")
         if not parents and leaf in COMPONENT_SECTIONS and isinstance(value, str):

@@ -8,10 +8,12 @@ reports never have to load an image to learn the labels.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.datasets as tvd
@@ -36,6 +38,8 @@ class SyntheticClassification(Dataset):
     Each class owns a fixed prototype (for image shapes, smooth colour gradients, so that CNNs
     with global pooling can learn it, not only MLPs); an item is its class prototype plus Gaussian noise. Prototypes depend only on
     `seed`, the noise on (seed, split, index), so items are made on demand without storing them.
+    The noise comes from NumPy's SeedSequence over all three numbers: torch's CPU generator keeps only
+    32 bits of a seed, which once gave item i the same noise in every split and for every seed.
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class SyntheticClassification(Dataset):
         size = {"train": train_size, "val": val_size, "test": test_size}[split]
         # Seeds seed*4 (prototypes) and seed*4+1..3 (splits) never collide across seeds or splits.
         self._split_seed = int(seed) * 4 + 1 + SPLITS.index(split)
+        self._noise_key = (int(seed) % 2**64, SPLITS.index(split))
         self.prototypes = self._prototypes(torch.Generator().manual_seed(int(seed) * 4))
         gen = torch.Generator().manual_seed(self._split_seed)
         labels = torch.arange(size) % self.num_classes  # balanced: class counts differ by at most one
@@ -80,8 +85,9 @@ class SyntheticClassification(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         target = self.targets[index]
-        gen = torch.Generator().manual_seed((self._split_seed << 32) + int(index))
-        x = self.prototypes[target] + self.noise * torch.randn(self.input_shape, generator=gen)
+        rng = np.random.default_rng(np.random.SeedSequence([*self._noise_key, int(index)]))
+        noise = torch.from_numpy(rng.standard_normal(self.input_shape, dtype=np.float32))
+        x = self.prototypes[target] + self.noise * noise
         if self.transform is not None:
             x = self.transform(x)
         return x, target
@@ -235,15 +241,32 @@ class LabeledSubset(Subset):
         self.targets = None if targets is None else [int(targets[i]) for i in self.indices]
 
 
+def stratified_counts(class_sizes: Sequence[int], fraction: float) -> list[int]:
+    """How many items of each class a `fraction` keeps: `fraction * size` rounded down, then the items
+    the rounding left over (the total rounded to nearest, halves up) go one each to the classes with
+    the largest remainders (ties: lower class first); every class keeps at least one. So each class
+    is within one item of its share, and the total is round(fraction * total) unless the at-least-one
+    rule adds items to tiny classes.
+    """
+    exact = [fraction * n for n in class_sizes]
+    counts = [math.floor(x) for x in exact]
+    extra = math.floor(fraction * sum(class_sizes) + 0.5) - sum(counts)
+    by_remainder = sorted(range(len(counts)), key=lambda c: (-(exact[c] - counts[c]), c))
+    for c in by_remainder[: max(0, extra)]:
+        counts[c] += 1
+    return [min(n, max(1, k)) for n, k in zip(class_sizes, counts, strict=True)]
+
+
 def stratified_indices(targets: Sequence[int] | torch.Tensor, fraction: float, seed: int = 0) -> list[int]:
-    """A fixed random share `fraction` of each class (at least one item of each), in dataset order."""
+    """A fixed random share `fraction` of each class (see `stratified_counts`), in dataset order."""
     targets = torch.as_tensor(targets)
     gen = torch.Generator().manual_seed(seed)
-    keep: list[torch.Tensor] = []
-    for label in torch.unique(targets).tolist():
-        members = torch.nonzero(targets == label).flatten()
-        count = max(1, int(fraction * len(members) + 0.5))
-        keep.append(members[torch.randperm(len(members), generator=gen)[:count]])
+    labels = torch.unique(targets).tolist()
+    members = [torch.nonzero(targets == label).flatten() for label in labels]
+    counts = stratified_counts([len(m) for m in members], fraction)
+    keep = [
+        m[torch.randperm(len(m), generator=gen)[:count]] for m, count in zip(members, counts, strict=True)
+    ]
     return sorted(torch.cat(keep).tolist()) if keep else []
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from src.config.schema import TEMPLATE_KEYS
 from src.data import ResumableSampler, build_dataset, build_loader, dataset_num_classes, split_transforms
+from src.data.transforms import to_container
 from src.engine.distributed import DistContext
 from src.errors import ConfigError
 from src.evaluators import EVALUATOR_REGISTRY
@@ -88,8 +89,11 @@ def build_split(cfg: DictConfig, split: str, ctx: DistContext, shuffle: bool, tr
     sampler = ResumableSampler(
         len(dataset), shuffle=shuffle, seed=int(cfg.seed), rank=ctx.rank, world_size=ctx.world_size
     )
+    loader_cfg = dict(to_container(cfg.dataloader) or {})
+    if split != "train":  # drop_last is for training only: evaluation sees every sample once
+        loader_cfg["drop_last"] = False
     loader = build_loader(
-        dataset, int(cfg.batch), sampler, cfg.dataloader, seed=int(cfg.seed), device_type=ctx.device.type
+        dataset, int(cfg.batch), sampler, loader_cfg, seed=int(cfg.seed), device_type=ctx.device.type
     )
     return Split(dataset, sampler, loader, getattr(loader, "generator", None))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,8 +15,8 @@ from src.config.schema import PRECISIONS
 
 log = logging.getLogger("template")
 
-# Dense bf16/fp16 tensor-core peak of one GPU in TFLOP/s (vendor data sheets, no sparsity); the first
-# name contained in torch.cuda.get_device_name() wins, so specific names come before general ones.
+# Dense bf16/fp16 tensor-core peak of one GPU in TFLOP/s (vendor data sheets, no sparsity). A name
+# matches whole words only (see `peak_tflops`): "L40" is not an "L4", "RTX 3090 Ti" not an "RTX 3090".
 PEAK_TFLOPS = (
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
@@ -90,9 +91,32 @@ def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
+    tflops = peak_tflops(name)
+    if tflops is None:
+        log.info("MFU is not reported: unknown peak FLOP/s for GPU '%s' (not in PEAK_TFLOPS)", name)
+        return None
+    return tflops * 1e12
+
+
+# Words a device name may carry without changing its peak: vendor and brand, memory size and kind (dropped
+# before matching), the SXM socket and the PCIe form factor after the model (the H100 PCIe, which differs,
+# has its own entry and comes first).
+_IGNORED_WORD = re.compile(r"NVIDIA|TESLA|GEFORCE|\d+GB|HBM\d*E?")
+_FORM_FACTOR = re.compile(r"SXM\d*|PCIE")
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The table's peak for a device name, matched word by word; None (unknown) rather than a guess.
+
+    "NVIDIA H100 80GB HBM3" and "NVIDIA A100-SXM4-80GB" match; "NVIDIA L40", "RTX 3090 Ti" and
+    "RTX 4090 Laptop GPU" (other chips, other peaks) do not.
+    """
+    words = [w for w in re.split(r"[\s\-_]+", device_name.upper()) if w and not _IGNORED_WORD.fullmatch(w)]
     for key, tflops in PEAK_TFLOPS:
-        if key in name:
-            return tflops * 1e12
+        key_words = key.upper().split()
+        rest = words[len(key_words) :]
+        if words[: len(key_words)] == key_words and all(_FORM_FACTOR.fullmatch(w) for w in rest):
+            return tflops
     return None
 
 

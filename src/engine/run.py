@@ -198,6 +198,15 @@ def _warm_state(cfg: DictConfig) -> dict[str, Any]:
             f"nothing is left to train; set epoch above {done}, or checkpoint.weights_only_resume=true to start "
             "over from its weights"
         )
+    # A new directory keeps its own best.pth and top-k files: the other run's records stay with it.
+    state["progress"] = {
+        **state["progress"],
+        "best_value": None,
+        "best_epoch": 0,
+        "top_k": [],
+        "stale_epochs": 0,
+        "stale_best": None,
+    }
     return state
 
 

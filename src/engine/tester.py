@@ -36,7 +36,10 @@ def pick_checkpoint(run_dir: Path) -> Path:
 
 
 def test_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The weights to test: the EMA average when the run kept one, else the trained weights."""
+    """The weights the run reports: "model" (the EMA average when the run kept one; checkpoints from
+    before "raw_model" existed kept the raw weights there and the average under "ema")."""
+    if "raw_model" in state:
+        return state["model"]
     ema = state.get("ema")
     if ema:
         return {k[len("module.") :]: v for k, v in ema.items() if k.startswith("module.")}

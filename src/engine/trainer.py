@@ -24,6 +24,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from src.engine import distributed as dist_utils
+from src.engine.batchnorm import RECOMPUTE_BATCHES, batchnorm_layers, recompute_batchnorm, recompute_loader
 from src.engine.build import (
     build_evaluator,
     build_loss,
@@ -51,7 +52,7 @@ from src.engine.precision import configure_backends, peak_flops, resolve_precisi
 from src.engine.run_dir import save_config
 from src.engine.signals import StopRequest
 from src.errors import ConfigError, RunError
-from src.optim import build_optimizer, build_scheduler, set_optimizer_mode
+from src.optim import build_optimizer, build_scheduler, is_schedule_free, set_optimizer_mode
 
 log = logging.getLogger("template")
 
@@ -131,6 +132,15 @@ class Trainer:
         ema = self._build_ema(raw)
         self.optimizer, self.schedule, self.scaler, self.ema = optimizer, schedule, scaler, ema
         params = [p for p in raw.parameters() if p.requires_grad]
+        # Schedule-free with BatchNorm: statistics are recomputed for the evaluated weights each epoch.
+        bn_loader = None
+        if ema is None and is_schedule_free(optimizer) and batchnorm_layers(raw):
+            bn_loader = recompute_loader(train.dataset, cfg, ctx)
+            log.info(
+                "schedule-free optimizer with BatchNorm: the statistics are recomputed for the evaluated "
+                "weights on up to %d train batches before each validation and epoch checkpoint",
+                1 if debug else RECOMPUTE_BATCHES,
+            )
 
         # --- resume: weights, optimizer, schedule, scaler, EMA, position, RNG of every rank
         if self.resume_state is not None:
@@ -157,6 +167,7 @@ class Trainer:
         )
         profiler = self._start_profiler()
         st = self.state
+        self.step_lr = optimizer.param_groups[0]["lr"]  # the lr of the last optimizer step, as logged
 
         for epoch in range(st.epoch, epochs):
             st.epoch = epoch
@@ -178,6 +189,10 @@ class Trainer:
                 (), st.window_loss_sum if carried else 0.0, device=ctx.device, dtype=torch.float64
             )
             window_samples = st.window_samples if carried else 0
+            # The current accumulation window's losses, added to the logging window once its step is taken
+            # (nan_policy=skip drops this step's losses only, not the logging window's good steps).
+            step_loss = torch.zeros_like(window_loss)
+            step_samples = 0
             window_steps, window_start = 0, time.perf_counter()
             data_wait = 0.0
             grad_norm: torch.Tensor | None = None
@@ -212,8 +227,8 @@ class Trainer:
                     loss = total_loss(loss_fn(outputs, targets))
                 # Normalise by the samples in the whole window, so a short last window counts right.
                 scaler.scale(loss if n == window_total else loss * (n / window_total)).backward()
-                window_loss.add_(loss.detach(), alpha=n)
-                window_samples += n
+                step_loss.add_(loss.detach(), alpha=n)
+                step_samples += n
                 i += 1
                 bar.update(1)
                 if not sync:
@@ -221,15 +236,19 @@ class Trainer:
 
                 # --- optimizer step (end of an accumulation window)
                 # A sync, only with nan_policy=skip; the whole window (every micro-batch) on every rank decides.
-                if nan_skip and dist_utils.any_rank(not bool(torch.isfinite(window_loss)), ctx.device):
+                if nan_skip and dist_utils.any_rank(not bool(torch.isfinite(step_loss)), ctx.device):
                     log.warning(
                         "non-finite loss at epoch %d step %d: step skipped", epoch + 1, st.global_step
                     )
                     optimizer.zero_grad(set_to_none=True)
-                    window_loss.zero_()
-                    window_samples = 0
+                    step_loss.zero_()
+                    step_samples = 0
                     st.batches_done = i
                     continue
+                window_loss.add_(step_loss)
+                window_samples += step_samples
+                step_loss.zero_()
+                step_samples = 0
                 if clip > 0:
                     scaler.unscale_(optimizer)
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
@@ -238,6 +257,7 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
                     ema.update_parameters(raw)
+                self.step_lr = optimizer.param_groups[0]["lr"]  # read before the schedule moves it on
                 if schedule is not None and schedule.interval == "step":
                     schedule.step()
                 st.global_step += 1
@@ -279,6 +299,13 @@ class Trainer:
 
             # --- validation, schedule, best model, early stopping, checkpoints
             metrics.update(self._epoch_train_loss())
+            if bn_loader is not None:
+                if evaluator_job is not None and bn_loader.num_workers:
+                    evaluator_job.result()  # never fork loader workers while another thread imports
+                set_optimizer_mode(optimizer, False)
+                recompute_batchnorm(raw, bn_loader, 1 if debug else RECOMPUTE_BATCHES, ctx.device, precision,
+                                    channels_last, ctx.world_size)  # fmt: skip
+                set_optimizer_mode(optimizer, True)
             freq = int(cfg.evaluation.frequency)
             if val is not None and freq and ((epoch + 1) % freq == 0 or epoch + 1 == epochs):
                 set_optimizer_mode(optimizer, False)
@@ -347,7 +374,7 @@ class Trainer:
             raise self._non_finite(loss)
         metrics = {
             "train_loss": loss,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": self.step_lr,
             "samples_per_sec": sample_total / elapsed,
             "step_time": elapsed / max(steps, 1),
             "data_wait_share": min(1.0, data_wait / elapsed),
@@ -521,6 +548,9 @@ class Trainer:
             state["dcp"] = self._save_sharded()
         else:
             state["optimizer"] = self.optimizer.state_dict()
+        if self.ema is not None:  # "model" holds the weights the run reports; the trained ones resume
+            state["raw_model"] = state["model"]
+            state["model"] = {k: v.detach().cpu() for k, v in self.ema.module.state_dict().items()}
         if self.trackers is not None:
             state["tracking"] = self.trackers.state()
         if ctx.is_main:
@@ -615,7 +645,8 @@ class Trainer:
                 raise RunError(
                     "this checkpoint has no sharded (DCP) state; resume it without distributed.strategy=fsdp"
                 )
-            self._load_model_weights(state["model"], strict=True)
+            # With EMA, "model" is the average and "raw_model" the weights training continues from.
+            self._load_model_weights(state.get("raw_model", state["model"]), strict=True)
             if "optimizer" not in state:
                 raise RunError(
                     "this checkpoint was written by an FSDP run; resume it with distributed.strategy=fsdp"
