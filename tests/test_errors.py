@@ -22,7 +22,7 @@ from src.config import load_config
 from src.engine.build import import_user_modules, preflight
 from src.engine.checkpoint import load_checkpoint
 from src.errors import ConfigError, RunError, did_you_mean, one_line
-from tests.helpers import ROOT, TINY, explain, only_run_dir, result_dirs, run_script
+from tests.helpers import ROOT, TINY, explain, only_run_dir, read_metrics, result_dirs, run_script
 
 register_builtins()
 
@@ -520,6 +520,20 @@ def test_nan_policy_skip_skips_the_step_and_finishes(tmp_path):
     assert last["progress"]["global_step"] == 8 - 2  # two epochs of 4 steps, two skipped
     assert all(torch.isfinite(t).all() for t in last["model"].values())
     assert (run / "test" / "metrics.json").is_file()
+
+
+def test_nan_policy_skip_drops_only_the_bad_step_from_the_logged_losses(tmp_path):
+    # 4 batches, logged every 2 steps; the 4th batch is NaN. Steps 1-2 are logged at step 2; the
+    # good step 3 shares its logging window with the skipped one and must still be counted.
+    proc, out = _nan_run(
+        tmp_path, "model.nan_calls=[4]", "training.nan_policy=skip", "logging.log_frequency=2", "epoch=1"
+    )
+    assert proc.returncode == 0, explain(proc)
+    events = read_metrics(only_run_dir(out))
+    train = {e["step"]: e["train_loss"] for e in events if "train_loss" in e}
+    assert sorted(train) == [2, 3]  # step 3 is the epoch's last, partial window
+    epoch_loss = next(e["train_epoch_loss"] for e in events if "train_epoch_loss" in e)
+    assert epoch_loss == pytest.approx((2 * train[2] + train[3]) / 3, rel=1e-6)  # 16 samples a step
 
 
 def test_huge_learning_rate_fails_cleanly(tmp_path):

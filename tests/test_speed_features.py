@@ -138,7 +138,8 @@ def test_ema_is_checkpointed_resumed_exactly_and_used_for_testing(tmp_path):
     ema_weights = {k.removeprefix("module."): v for k, v in full["ema"].items() if k.startswith("module.")}
     tested = json.loads((straight / "test" / "metrics.json").read_text())["test_loss"]
     assert tested == pytest.approx(loss_with(ema_weights), rel=1e-5)
-    assert tested != pytest.approx(loss_with(full["model"]), rel=1e-3)
+    assert tested != pytest.approx(loss_with(full["raw_model"]), rel=1e-3)
+    assert_same_weights(full["model"], ema_weights, exact=True)  # "model" holds the reported weights
 
 
 def test_weight_ema_update_is_a_lerp_and_keeps_averaged_model_layout():
