@@ -167,7 +167,7 @@ class Trainer:
         )
         profiler = self._start_profiler()
         st = self.state
-        self.step_lr = optimizer.param_groups[0]["lr"]  # the lr of the last optimizer step, as logged
+        self.step_lr = step_lr(optimizer)  # the lr of the last optimizer step, as logged
 
         for epoch in range(st.epoch, epochs):
             st.epoch = epoch
@@ -257,7 +257,7 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
                     ema.update_parameters(raw)
-                self.step_lr = optimizer.param_groups[0]["lr"]  # read before the schedule moves it on
+                self.step_lr = step_lr(optimizer)  # read before the schedule moves it on
                 if schedule is not None and schedule.interval == "step":
                     schedule.step()
                 st.global_step += 1
@@ -771,6 +771,12 @@ def load_checkpoint_or_weights(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise RunError(f"weights file not found: {path}")
     return safe_load(path)
+
+
+def step_lr(optimizer: torch.optim.Optimizer) -> Any:
+    """The first group's lr now; a tensor lr (schedulers update those in place) is copied, without a sync."""
+    lr = optimizer.param_groups[0]["lr"]
+    return lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
 
 
 def rank_batch_sizes(samples: int, batch: int, drop_last: bool) -> list[int]:
