@@ -68,6 +68,7 @@ def _val_loss(run: Path, weights: dict) -> float:
         return nn.functional.cross_entropy(model(inputs), targets).item()
 
 
+@pytest.mark.slow
 def test_drop_last_leaves_validation_and_testing_whole(run_a):
     """val_size=20 < batch=32 once gave val_loss 0; test_size=37 counted 32 samples."""
     report = (run_a / "test" / "classification_report.txt").read_text()
@@ -92,6 +93,7 @@ def test_eval_loaders_never_drop_samples_in_one_or_two_processes():
     assert sorted(seen) == list(range(37))
 
 
+@pytest.mark.slow
 def test_logged_lr_is_the_lr_each_step_used(run_a):
     logged = [e["lr"] for e in read_metrics(run_a) if "train_loss" in e]
     param = nn.Parameter(torch.zeros(1))
@@ -105,6 +107,7 @@ def test_logged_lr_is_the_lr_each_step_used(run_a):
     assert logged == pytest.approx(used, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_ema_checkpoints_hold_the_reported_weights(run_a):
     best = torch.load(run_a / "checkpoints" / "best.pth", weights_only=True)
     ema = {k.removeprefix("module."): v for k, v in best["ema"].items() if k.startswith("module.")}
@@ -113,8 +116,15 @@ def test_ema_checkpoints_hold_the_reported_weights(run_a):
     metrics = [e for e in read_metrics(run_a) if "val_loss" in e]
     recorded = next(e["val_loss"] for e in metrics if e["epoch"] == best["progress"]["best_epoch"])
     assert _val_loss(run_a, best["model"]) == pytest.approx(recorded, rel=1e-5)
+    # A new run from best.pth's weights starts from those reported weights.
+    from src.engine.run import _warm_state
+
+    cfg = load_config(ROOT / DUMMY, [f"checkpoint.resume_from={run_a}/checkpoints/best.pth",
+                                     "checkpoint.weights_only_resume=true"])  # fmt: skip
+    assert weights_equal(_warm_state(cfg)["model"], ema)
 
 
+@pytest.mark.slow
 def test_resume_from_starts_its_own_best_and_top_k(run_b):
     checkpoints = run_b / "checkpoints"
     last = torch.load(checkpoints / "last.pth", weights_only=True)
@@ -124,12 +134,14 @@ def test_resume_from_starts_its_own_best_and_top_k(run_b):
     assert all((checkpoints / name).is_file() for _, name in progress["top_k"])
 
 
+@pytest.mark.slow
 def test_numeric_tag_stays_as_written(run_b):
     assert run_b.name.endswith("_SimpleCNN_1e3")
     assert load_config(run_b / "config.yaml").tag == "1e3"
 
 
 # ---------------------------------------------------------------------- schedule-free with BatchNorm
+@pytest.mark.slow
 def test_schedule_free_batchnorm_statistics_belong_to_the_evaluated_weights(tmp_path):
     proc = run_script("train.py", DUMMY, f"output={tmp_path}", *TINY, "optimizer.name=AdamWScheduleFree")
     assert proc.returncode == 0, explain(proc)
