@@ -140,6 +140,13 @@ def test_numeric_tag_stays_as_written(run_b):
     assert load_config(run_b / "config.yaml").tag == "1e3"
 
 
+def test_numeric_tag_in_a_file_stays_as_written(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(f"__base__: {ROOT / DUMMY}\ntag: 1e3\n")
+    assert load_config(path).tag == "1e3"
+    assert load_config(path, ["tag=007"]).tag == "007"
+
+
 # ---------------------------------------------------------------------- schedule-free with BatchNorm
 @pytest.mark.slow
 def test_schedule_free_batchnorm_statistics_belong_to_the_evaluated_weights(tmp_path):

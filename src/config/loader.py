@@ -131,7 +131,19 @@ def read_yaml(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of keys, not {type(data).__name__}")
+    if data.get("tag") is not None and not isinstance(data["tag"], (str, dict, list)):
+        raw = _raw_scalar(path.read_text(encoding="utf-8"), "tag")  # `tag: 1e3` stays "1e3"
+        data["tag"] = data["tag"] if raw is None else raw
     return data
+
+
+def _raw_scalar(text: str, key: str) -> Any:
+    """The text of a top-level key's scalar value as written, e.g. "1e3" rather than 1000.0."""
+    root = yaml.compose(text, Loader=_Loader)
+    for key_node, value_node in getattr(root, "value", []):
+        if getattr(key_node, "value", None) == key and isinstance(value_node, yaml.ScalarNode):
+            return value_node.value
+    return None
 
 
 def _file_layers(path: Path, chain: tuple[Path, ...]) -> list[tuple[dict[str, Any], str]]:
