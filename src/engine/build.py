@@ -109,6 +109,10 @@ def build_model(cfg: DictConfig, num_classes: int | None) -> nn.Module:
     model = MODEL_REGISTRY.build(args)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model '{args['name']}' did not build an nn.Module (got {type(model).__name__})")
+    if cfg.model.get("freeze"):
+        from src.models.freezing import freeze
+
+        freeze(model, cfg.model.freeze)
     return model
 
 
@@ -205,3 +209,29 @@ def preflight(cfg: DictConfig) -> None:
         for item in items or []:
             name = item if isinstance(item, str) else item.get("name")
             TRANSFORM_REGISTRY.get(str(name))
+    check_parameter_patterns(cfg)
+
+
+def check_parameter_patterns(cfg: DictConfig) -> None:
+    """Freezing, unfreezing and param_groups patterns must match parameters: built on the meta device, no memory."""
+    if not (cfg.model.get("freeze") or cfg.training.unfreeze or cfg.training.freeze_backbone_epochs
+            or cfg.optimizer.get("param_groups")):  # fmt: skip
+        return
+    from omegaconf import OmegaConf
+
+    from src.models.freezing import match, plan_unfreezing
+
+    if "weights" in cfg.model:  # names only: never download or read pretrained weights here
+        cfg = OmegaConf.merge(cfg, {"model": {"weights": None}})
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg, cfg.model.get("num_classes") or cfg.evaluator.get("num_classes"))
+    except ConfigError:
+        raise
+    except Exception:  # a model that cannot be built on the meta device is checked when training builds it
+        return
+    plan_unfreezing(model, cfg.training)
+    names = [n for n, _ in model.named_parameters()]
+    for i, spec in enumerate(cfg.optimizer.get("param_groups") or []):
+        if hasattr(spec, "get") and spec.get("params") is not None:
+            match(names, spec.params, f"optimizer.param_groups[{i}].params")

@@ -51,7 +51,9 @@ from src.engine.precision import configure_backends, peak_flops, resolve_precisi
 from src.engine.run_dir import save_config
 from src.engine.signals import StopRequest
 from src.errors import ConfigError, RunError
+from src.models.freezing import UnfreezeStage, plan_unfreezing
 from src.optim import build_optimizer, build_scheduler, set_optimizer_mode
+from src.optim.param_groups import add_group, mark_base_lrs
 
 log = logging.getLogger("template")
 
@@ -117,6 +119,12 @@ class Trainer:
         model.to(ctx.device)
         check_output_size(cfg, model, train.dataset, num_classes, ctx.device)
         self._warm_start(model)
+        stages = plan_unfreezing(model, cfg.training)  # freezes what unfreezes later
+        if stages and ctx.strategy in ("ddp", "fsdp"):
+            raise ConfigError(
+                f"training.unfreeze / freeze_backbone_epochs cannot add parameters to a {ctx.strategy} model "
+                "mid-run; train on one process, or freeze with model.freeze only"
+            )
         model, raw = prepare_model(model, cfg, ctx)
         self.model, self.raw = model, raw
         loss_fn = build_loss(cfg)
@@ -131,6 +139,10 @@ class Trainer:
         ema = self._build_ema(raw)
         self.optimizer, self.schedule, self.scaler, self.ema = optimizer, schedule, scaler, ema
         params = [p for p in raw.parameters() if p.requires_grad]
+        if stages:  # a resumed run re-adds the groups it had, so the optimizer state fits them
+            mark_base_lrs(optimizer)
+            progress = (self.resume_state or {}).get("progress") or {}
+            params = self._unfreeze(stages, int(progress.get("epoch", 0)))
 
         # --- resume: weights, optimizer, schedule, scaler, EMA, position, RNG of every rank
         if self.resume_state is not None:
@@ -160,6 +172,8 @@ class Trainer:
 
         for epoch in range(st.epoch, epochs):
             st.epoch = epoch
+            if stages:
+                params = self._unfreeze(stages, epoch)
             train.sampler.set_epoch(epoch)
             train.sampler.set_start(st.batches_done * int(cfg.batch) * ctx.world_size)
             if train.generator is not None:
@@ -317,6 +331,17 @@ class Trainer:
         return st
 
     # ------------------------------------------------------------------ steps in detail
+    def _unfreeze(self, stages: list[UnfreezeStage], epoch: int) -> list[nn.Parameter]:
+        """Let the stages due by `epoch` train, each as a new optimizer group; returns the trainable parameters."""
+        named = dict(self.raw.named_parameters())
+        for stage in stages:
+            if stage.epoch <= epoch and not named[stage.names[0]].requires_grad:
+                new = [named[n].requires_grad_(True) for n in stage.names]
+                add_group(self.optimizer, self.schedule, new, stage.lr_scale)
+                log.info("epoch %d: unfroze %d parameter tensors (%s ...) at lr x %g",
+                         epoch + 1, len(new), stage.names[0], stage.lr_scale)  # fmt: skip
+        return [p for p in self.raw.parameters() if p.requires_grad]
+
     def _grad_sync(self, sync: bool) -> contextlib.AbstractContextManager:
         """Skip the gradient all-reduce on micro-batches that are not the last of their window."""
         if sync:
