@@ -46,6 +46,7 @@ from src.engine.checkpoint import (
 )
 from src.engine.distributed import DistContext
 from src.engine.evaluate import batch_size, evaluate, split_batch, to_device, total_loss
+from src.engine.loss_parts import add_parts, part_metrics, summed_parts
 from src.engine.parallel import prepare_model
 from src.engine.precision import configure_backends, peak_flops, resolve_precision, train_flops_per_sample
 from src.engine.run_dir import save_config
@@ -69,6 +70,7 @@ class TrainState:
     epoch_samples: int = 0
     window_loss_sum: float = 0.0  # the unlogged part of the current logging window, summed over ranks
     window_samples: int = 0
+    window_parts: dict[str, float] = field(default_factory=dict)  # a dict loss's parts in that window
     best_value: float | None = None
     best_epoch: int = 0
     top_k: list[list[Any]] = field(default_factory=list)  # [value, file name], best first
@@ -88,6 +90,7 @@ class Trainer:
         self.stop = StopRequest()
         self.trackers: Any = None
         self.tracking_active = False
+        self.window_parts: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainState:
@@ -192,6 +195,9 @@ class Trainer:
                 (), st.window_loss_sum if carried else 0.0, device=ctx.device, dtype=torch.float64
             )
             window_samples = st.window_samples if carried else 0
+            parts = self.window_parts = {  # a dict loss's named parts, summed like window_loss
+                k: torch.tensor(v, device=ctx.device, dtype=torch.float64) for k, v in st.window_parts.items()
+            } if carried else {}  # fmt: skip
             window_steps, window_start = 0, time.perf_counter()
             data_wait = 0.0
             grad_norm: torch.Tensor | None = None
@@ -223,10 +229,13 @@ class Trainer:
                 sync = i + 1 == last
                 with self._grad_sync(sync), precision.autocast():
                     outputs = model(inputs)
-                    loss = total_loss(loss_fn(outputs, targets))
+                    value = loss_fn(outputs, targets)
+                    loss = total_loss(value)
                 # Normalise by the samples in the whole window, so a short last window counts right.
                 scaler.scale(loss if n == window_total else loss * (n / window_total)).backward()
                 window_loss.add_(loss.detach(), alpha=n)
+                if parts or isinstance(value, dict):
+                    add_parts(parts, value, n)
                 window_samples += n
                 i += 1
                 bar.update(1)
@@ -241,6 +250,7 @@ class Trainer:
                     )
                     optimizer.zero_grad(set_to_none=True)
                     window_loss.zero_()
+                    parts.clear()
                     window_samples = 0
                     st.batches_done = i
                     continue
@@ -269,6 +279,7 @@ class Trainer:
                     if evaluator_job is not None and evaluator_job.done():
                         evaluator_job.result()  # a bad evaluator setting stops the run now, not at validation
                     window_loss = torch.zeros_like(window_loss)
+                    parts.clear()
                     window_samples, window_steps, window_start, data_wait = 0, 0, time.perf_counter(), 0.0
                     stop = dist_utils.any_rank(self.stop.requested, ctx.device)
                 elif distributed:
@@ -372,6 +383,7 @@ class Trainer:
             raise self._non_finite(loss)
         metrics = {
             "train_loss": loss,
+            **part_metrics(self.window_parts, sample_total, "train"),
             "lr": self.optimizer.param_groups[0]["lr"],
             "samples_per_sec": sample_total / elapsed,
             "step_time": elapsed / max(steps, 1),
@@ -515,7 +527,7 @@ class Trainer:
     ) -> None:
         """Write last.pth (+ extra names) on rank 0; under FSDP also the sharded DCP folder."""
         cfg, ctx, st = self.cfg, self.ctx, self.state
-        st.window_loss_sum, st.window_samples = 0.0, 0
+        st.window_loss_sum, st.window_samples, st.window_parts = 0.0, 0, {}
         if window is not None:  # mid-epoch: keep the unlogged losses so the resumed log window is whole
             totals = torch.stack(
                 [
@@ -527,6 +539,7 @@ class Trainer:
                 totals = totals.to(ctx.device if ctx.device.type == "cuda" else "cpu")
                 dist_utils.all_reduce_sum(totals)
             st.window_loss_sum, st.window_samples = totals[0].item(), int(totals[1].item())
+            st.window_parts = summed_parts(self.window_parts)
             if not math.isfinite(st.window_loss_sum):  # weights a NaN touched never replace last.pth
                 raise self._non_finite(st.window_loss_sum)
         set_optimizer_mode(self.optimizer, False)  # schedule-free: save the evaluation weights
