@@ -209,9 +209,7 @@ def preflight(cfg: DictConfig) -> None:
         for item in items or []:
             name = item if isinstance(item, str) else item.get("name")
             TRANSFORM_REGISTRY.get(str(name))
-    if (
-        cfg.loss.get("name") == "WeightedSum"
-    ):  # its parts are losses too: check them before any directory exists
+    if cfg.loss.get("name") == "WeightedSum":  # its parts are losses: check them before a directory exists
         build_loss(cfg)
     check_parameter_patterns(cfg)
 
