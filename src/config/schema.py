@@ -141,6 +141,13 @@ class ProfilingConfig:
 
 
 @dataclass
+class DistillationConfig:
+    teacher: str | None = None  # a finished run's config.yaml; null = no distillation
+    temperature: float = 4.0  # softens both distributions; the soft loss is scaled by T^2
+    alpha: float = 0.7  # weight of the distillation loss; 1 - alpha weights the task loss
+
+
+@dataclass
 class RootConfig:
     output: str = "result"
     tag: str = ""
@@ -165,6 +172,7 @@ class RootConfig:
     dataloader: DataloaderConfig = field(default_factory=DataloaderConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
 
 
 # Allowed values of the keys that take a choice.

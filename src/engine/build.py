@@ -212,6 +212,10 @@ def preflight(cfg: DictConfig) -> None:
     if cfg.loss.get("name") == "WeightedSum":  # its parts are losses: check them before a directory exists
         build_loss(cfg)
     check_parameter_patterns(cfg)
+    if cfg.get("distillation") is not None and cfg.distillation.get("teacher"):
+        from src.engine.distillation import teacher_files
+
+        teacher_files(cfg.distillation)
 
 
 def check_parameter_patterns(cfg: DictConfig) -> None:

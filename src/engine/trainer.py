@@ -44,6 +44,7 @@ from src.engine.checkpoint import (
     restore_rng,
     safe_load,
 )
+from src.engine.distillation import build_distiller
 from src.engine.distributed import DistContext
 from src.engine.evaluate import batch_size, evaluate, split_batch, to_device, total_loss
 from src.engine.loss_parts import add_parts, part_metrics, summed_parts
@@ -131,6 +132,7 @@ class Trainer:
         model, raw = prepare_model(model, cfg, ctx)
         self.model, self.raw = model, raw
         loss_fn = build_loss(cfg)
+        distiller = build_distiller(cfg, loss_fn, num_classes, ctx.device)  # None without a teacher
         evaluator_job: concurrent.futures.Future | None = None  # started with the first batch, see below
         optimizer = build_optimizer(fused_on_cuda(cfg.optimizer, ctx.device), raw)
         batches_per_epoch = 1 if debug else len(train.loader)
@@ -229,7 +231,10 @@ class Trainer:
                 sync = i + 1 == last
                 with self._grad_sync(sync), precision.autocast():
                     outputs = model(inputs)
-                    value = loss_fn(outputs, targets)
+                    if distiller is None:
+                        value = loss_fn(outputs, targets)
+                    else:  # the teacher runs on the same inputs under the same autocast
+                        value = distiller(inputs, outputs, targets)
                     loss = total_loss(value)
                 # Normalise by the samples in the whole window, so a short last window counts right.
                 scaler.scale(loss if n == window_total else loss * (n / window_total)).backward()
