@@ -236,7 +236,14 @@ def check_parameter_patterns(cfg: DictConfig) -> None:
         raise
     except Exception:  # a model that cannot be built on the meta device is checked when training builds it
         return
-    plan_unfreezing(model, cfg.training)
+    if plan_unfreezing(model, cfg.training):
+        from src.engine.distributed import launched_by_torchrun
+
+        if launched_by_torchrun() or str(cfg.distributed.strategy) in ("ddp", "fsdp"):
+            raise ConfigError(
+                "training.unfreeze / freeze_backbone_epochs add parameters to the model mid-run, which DDP and "
+                "FSDP do not allow; train on one process, or freeze with model.freeze only"
+            )
     names = [n for n, _ in model.named_parameters()]
     for i, spec in enumerate(cfg.optimizer.get("param_groups") or []):
         if hasattr(spec, "get") and spec.get("params") is not None:
