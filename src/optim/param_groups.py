@@ -55,9 +55,13 @@ def split_groups(
 
 
 def mark_base_lrs(optimizer: torch.optim.Optimizer) -> None:
-    """Remember each group's configured lr (before any scheduler changes it)."""
+    """Remember each group's configured lr, also after a scheduler has changed `lr` (a warm-up starts low).
+
+    torch schedulers keep the configured lr as `initial_lr`; OneCycleLR keeps it as `max_lr` instead.
+    """
     for group in optimizer.param_groups:
-        group.setdefault("base_lr", float(group["lr"]))
+        configured = group.get("max_lr", group.get("initial_lr", group["lr"]))
+        group.setdefault("base_lr", float(configured))
 
 
 def add_group(
@@ -68,9 +72,11 @@ def add_group(
     base = float(optimizer.defaults["lr"]) * lr_scale
     ratio = base / float(first.get("base_lr", first["lr"]))
     group: dict[str, Any] = {"params": params}
-    for key in LR_KEYS:
-        if key in first:
-            group[key] = float(first[key]) * ratio
+    for key, value in first.items():
+        if key in LR_KEYS:
+            group[key] = float(value) * ratio
+        elif key != "params" and key not in optimizer.defaults:  # a scheduler's own keys (OneCycle's momenta)
+            group[key] = value
     group["base_lr"] = base
     optimizer.add_param_group(group)
     for scheduler in _schedulers(schedule):
