@@ -77,7 +77,8 @@ def main() -> int:
     kind = max(len(r[1]) for r in table)
     print(f"{'layer'.ljust(width)}  {'type'.ljust(kind)}  {'params':>13}  {'trainable':>13}")
     for label, cls, params, trainable in table:
-        print(f"{label.ljust(width)}  {cls.ljust(kind)}  {params:>13,}  {trainable:>13,}")
+        mark = "  frozen" if params and not trainable else "  partly frozen" if trainable < params else ""
+        print(f"{label.ljust(width)}  {cls.ljust(kind)}  {params:>13,}  {trainable:>13,}{mark}")
     total, trainable = count(model), count(model, trainable_only=True)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     size += sum(b.numel() * b.element_size() for b in model.buffers())

@@ -22,10 +22,11 @@ TEMPLATE_KEYS: dict[str, dict[str, Any]] = {
         "channels_last": False,
         "ema": 0.0,
         "pretrained_weight": None,
+        "freeze": [],
     },
     "dataset": {"subsample": 1.0},
     "loss": {},
-    "optimizer": {"no_decay_bias_norm": False},
+    "optimizer": {"no_decay_bias_norm": False, "param_groups": []},
     "lr_scheduler": {"interval": "auto", "warmup": 0},
     "evaluator": {},
 }
@@ -59,6 +60,8 @@ class TrainingConfig:
     nan_policy: str = "stop"  # stop | skip
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    unfreeze: list[Any] = field(default_factory=list)  # [{epoch: N, params: [globs], lr_scale: 1.0}]
+    freeze_backbone_epochs: int = 0  # train only the classifier head for the first N epochs
 
 
 @dataclass
@@ -138,6 +141,13 @@ class ProfilingConfig:
 
 
 @dataclass
+class DistillationConfig:
+    teacher: str | None = None  # a finished run's config.yaml; null = no distillation
+    temperature: float = 4.0  # softens both distributions; the soft loss is scaled by T^2
+    alpha: float = 0.7  # weight of the distillation loss; 1 - alpha weights the task loss
+
+
+@dataclass
 class RootConfig:
     output: str = "result"
     tag: str = ""
@@ -162,6 +172,7 @@ class RootConfig:
     dataloader: DataloaderConfig = field(default_factory=DataloaderConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
 
 
 # Allowed values of the keys that take a choice.
@@ -187,6 +198,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "training.accumulate_grad_batches": (1, float("inf"), True),
     "training.gradient_clip_norm": (0, float("inf"), True),
     "training.early_stopping.patience": (0, float("inf"), True),
+    "training.freeze_backbone_epochs": (0, float("inf"), True),
     "checkpoint.save_top_k": (0, float("inf"), True),
     "checkpoint.save_frequency": (0, float("inf"), True),
     "checkpoint.save_every_n_steps": (0, float("inf"), True),

@@ -113,6 +113,10 @@ def build_model(cfg: DictConfig, num_classes: int | None) -> nn.Module:
     model = MODEL_REGISTRY.build(args)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model '{args['name']}' did not build an nn.Module (got {type(model).__name__})")
+    if cfg.model.get("freeze"):
+        from src.models.freezing import freeze
+
+        freeze(model, cfg.model.freeze)
     return model
 
 
@@ -209,3 +213,42 @@ def preflight(cfg: DictConfig) -> None:
         for item in items or []:
             name = item if isinstance(item, str) else item.get("name")
             TRANSFORM_REGISTRY.get(str(name))
+    if cfg.loss.get("name") == "WeightedSum":  # its parts are losses: check them before a directory exists
+        build_loss(cfg)
+    check_parameter_patterns(cfg)
+    if cfg.get("distillation") is not None and cfg.distillation.get("teacher"):
+        from src.engine.distillation import teacher_files
+
+        teacher_files(cfg.distillation)
+
+
+def check_parameter_patterns(cfg: DictConfig) -> None:
+    """Freezing, unfreezing and param_groups patterns must match parameters: built on the meta device, no memory."""
+    if not (cfg.model.get("freeze") or cfg.training.unfreeze or cfg.training.freeze_backbone_epochs
+            or cfg.optimizer.get("param_groups")):  # fmt: skip
+        return
+    from omegaconf import OmegaConf
+
+    from src.models.freezing import match, plan_unfreezing
+
+    if "weights" in cfg.model:  # names only: never download or read pretrained weights here
+        cfg = OmegaConf.merge(cfg, {"model": {"weights": None}})
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg, cfg.model.get("num_classes") or cfg.evaluator.get("num_classes"))
+    except ConfigError:
+        raise
+    except Exception:  # a model that cannot be built on the meta device is checked when training builds it
+        return
+    if plan_unfreezing(model, cfg.training):
+        from src.engine.distributed import launched_by_torchrun
+
+        if launched_by_torchrun() or str(cfg.distributed.strategy) in ("ddp", "fsdp"):
+            raise ConfigError(
+                "training.unfreeze / freeze_backbone_epochs add parameters to the model mid-run, which DDP and "
+                "FSDP do not allow; train on one process, or freeze with model.freeze only"
+            )
+    names = [n for n, _ in model.named_parameters()]
+    for i, spec in enumerate(cfg.optimizer.get("param_groups") or []):
+        if hasattr(spec, "get") and spec.get("params") is not None:
+            match(names, spec.params, f"optimizer.param_groups[{i}].params")

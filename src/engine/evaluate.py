@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from src.engine.distributed import all_reduce_sum
+from src.engine.loss_parts import add_parts, part_metrics
 from src.engine.precision import Precision
 
 
@@ -94,6 +95,7 @@ def evaluate(
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     count = torch.zeros((), device=device, dtype=torch.float64)
     remaining = num_valid
+    parts: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
@@ -112,7 +114,9 @@ def evaluate(
         if keep < n:
             outputs, targets = take(outputs, keep), take(targets, keep)
         outputs = float_outputs(outputs)
-        loss_sum += total_loss(loss_fn(outputs, targets)).double() * keep
+        value = loss_fn(outputs, targets)
+        loss_sum += total_loss(value).double() * keep
+        add_parts(parts, value, keep)
         count += keep
         evaluator.update(outputs, targets)
         if collect is not None:
@@ -123,5 +127,6 @@ def evaluate(
     all_reduce_sum(count)
     metrics = {f"{phase}_{k}": float(v) for k, v in evaluator.compute().items()}
     metrics[f"{phase}_loss"] = float(loss_sum / count.clamp(min=1))
+    metrics.update(part_metrics(parts, float(count), phase))
     model.train(was_training)
     return metrics

@@ -45,14 +45,18 @@ from src.engine.checkpoint import (
     restore_rng,
     safe_load,
 )
+from src.engine.distillation import build_distiller
 from src.engine.distributed import DistContext
 from src.engine.evaluate import batch_size, evaluate, split_batch, to_device, total_loss
+from src.engine.loss_parts import add_parts, part_metrics, summed_parts
 from src.engine.parallel import prepare_model
 from src.engine.precision import configure_backends, peak_flops, resolve_precision, train_flops_per_sample
 from src.engine.run_dir import save_config
 from src.engine.signals import StopRequest
 from src.errors import ConfigError, RunError
+from src.models.freezing import UnfreezeStage, plan_unfreezing
 from src.optim import build_optimizer, build_scheduler, is_schedule_free, set_optimizer_mode
+from src.optim.param_groups import add_group, mark_base_lrs
 
 log = logging.getLogger("template")
 
@@ -68,6 +72,7 @@ class TrainState:
     epoch_samples: int = 0
     window_loss_sum: float = 0.0  # the unlogged part of the current logging window, summed over ranks
     window_samples: int = 0
+    window_parts: dict[str, float] = field(default_factory=dict)  # a dict loss's parts in that window
     best_value: float | None = None
     best_epoch: int = 0
     top_k: list[list[Any]] = field(default_factory=list)  # [value, file name], best first
@@ -87,6 +92,7 @@ class Trainer:
         self.stop = StopRequest()
         self.trackers: Any = None
         self.tracking_active = False
+        self.window_parts: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainState:
@@ -118,9 +124,16 @@ class Trainer:
         model.to(ctx.device)
         check_output_size(cfg, model, train.dataset, num_classes, ctx.device)
         self._warm_start(model)
+        stages = plan_unfreezing(model, cfg.training)  # freezes what unfreezes later
+        if stages and ctx.strategy in ("ddp", "fsdp"):
+            raise ConfigError(
+                f"training.unfreeze / freeze_backbone_epochs cannot add parameters to a {ctx.strategy} model "
+                "mid-run; train on one process, or freeze with model.freeze only"
+            )
         model, raw = prepare_model(model, cfg, ctx)
         self.model, self.raw = model, raw
         loss_fn = build_loss(cfg)
+        distiller = build_distiller(cfg, loss_fn, num_classes, ctx.device)  # None without a teacher
         evaluator_job: concurrent.futures.Future | None = None  # started with the first batch, see below
         optimizer = build_optimizer(fused_on_cuda(cfg.optimizer, ctx.device), raw)
         batches_per_epoch = 1 if debug else len(train.loader)
@@ -141,6 +154,10 @@ class Trainer:
                 "weights on up to %d train batches before each validation and epoch checkpoint",
                 1 if debug else RECOMPUTE_BATCHES,
             )
+        if stages:  # a resumed run re-adds the groups it had, so the optimizer state fits them
+            mark_base_lrs(optimizer)
+            progress = (self.resume_state or {}).get("progress") or {}
+            params = self._unfreeze(stages, int(progress.get("epoch", 0)))
 
         # --- resume: weights, optimizer, schedule, scaler, EMA, position, RNG of every rank
         if self.resume_state is not None:
@@ -171,6 +188,8 @@ class Trainer:
 
         for epoch in range(st.epoch, epochs):
             st.epoch = epoch
+            if stages:
+                params = self._unfreeze(stages, epoch)
             train.sampler.set_epoch(epoch)
             train.sampler.set_start(st.batches_done * int(cfg.batch) * ctx.world_size)
             if train.generator is not None:
@@ -189,10 +208,14 @@ class Trainer:
                 (), st.window_loss_sum if carried else 0.0, device=ctx.device, dtype=torch.float64
             )
             window_samples = st.window_samples if carried else 0
+            parts = self.window_parts = {  # a dict loss's named parts, summed like window_loss
+                k: torch.tensor(v, device=ctx.device, dtype=torch.float64) for k, v in st.window_parts.items()
+            } if carried else {}  # fmt: skip
             # The current accumulation window's losses, added to the logging window once its step is taken
             # (nan_policy=skip drops this step's losses only, not the logging window's good steps).
             step_loss = torch.zeros_like(window_loss)
             step_samples = 0
+            step_parts: dict[str, torch.Tensor] = {}
             window_steps, window_start = 0, time.perf_counter()
             data_wait = 0.0
             grad_norm: torch.Tensor | None = None
@@ -224,10 +247,16 @@ class Trainer:
                 sync = i + 1 == last
                 with self._grad_sync(sync), precision.autocast():
                     outputs = model(inputs)
-                    loss = total_loss(loss_fn(outputs, targets))
+                    if distiller is None:
+                        value = loss_fn(outputs, targets)
+                    else:  # the teacher runs on the same inputs under the same autocast
+                        value = distiller(inputs, outputs, targets)
+                    loss = total_loss(value)
                 # Normalise by the samples in the whole window, so a short last window counts right.
                 scaler.scale(loss if n == window_total else loss * (n / window_total)).backward()
                 step_loss.add_(loss.detach(), alpha=n)
+                if isinstance(value, dict):
+                    add_parts(step_parts, value, n)
                 step_samples += n
                 i += 1
                 bar.update(1)
@@ -242,13 +271,17 @@ class Trainer:
                     )
                     optimizer.zero_grad(set_to_none=True)
                     step_loss.zero_()
+                    step_parts.clear()
                     step_samples = 0
                     st.batches_done = i
                     continue
                 window_loss.add_(step_loss)
                 window_samples += step_samples
+                for name, part in step_parts.items():
+                    parts[name] = parts[name] + part if name in parts else part
                 step_loss.zero_()
                 step_samples = 0
+                step_parts = {}
                 if clip > 0:
                     scaler.unscale_(optimizer)
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
@@ -275,6 +308,7 @@ class Trainer:
                     if evaluator_job is not None and evaluator_job.done():
                         evaluator_job.result()  # a bad evaluator setting stops the run now, not at validation
                     window_loss = torch.zeros_like(window_loss)
+                    parts.clear()
                     window_samples, window_steps, window_start, data_wait = 0, 0, time.perf_counter(), 0.0
                     stop = dist_utils.any_rank(self.stop.requested, ctx.device)
                 elif distributed:
@@ -344,6 +378,17 @@ class Trainer:
         return st
 
     # ------------------------------------------------------------------ steps in detail
+    def _unfreeze(self, stages: list[UnfreezeStage], epoch: int) -> list[nn.Parameter]:
+        """Let the stages due by `epoch` train, each as a new optimizer group; returns the trainable parameters."""
+        named = dict(self.raw.named_parameters())
+        for stage in stages:
+            if stage.epoch <= epoch and not named[stage.names[0]].requires_grad:
+                new = [named[n].requires_grad_(True) for n in stage.names]
+                add_group(self.optimizer, self.schedule, new, stage.lr_scale)
+                log.info("epoch %d: unfroze %d parameter tensors (%s ...) at lr x %g",
+                         epoch + 1, len(new), stage.names[0], stage.lr_scale)  # fmt: skip
+        return [p for p in self.raw.parameters() if p.requires_grad]
+
     def _grad_sync(self, sync: bool) -> contextlib.AbstractContextManager:
         """Skip the gradient all-reduce on micro-batches that are not the last of their window."""
         if sync:
@@ -374,6 +419,7 @@ class Trainer:
             raise self._non_finite(loss)
         metrics = {
             "train_loss": loss,
+            **part_metrics(self.window_parts, sample_total, "train"),
             "lr": self.step_lr,
             "samples_per_sec": sample_total / elapsed,
             "step_time": elapsed / max(steps, 1),
@@ -517,7 +563,7 @@ class Trainer:
     ) -> None:
         """Write last.pth (+ extra names) on rank 0; under FSDP also the sharded DCP folder."""
         cfg, ctx, st = self.cfg, self.ctx, self.state
-        st.window_loss_sum, st.window_samples = 0.0, 0
+        st.window_loss_sum, st.window_samples, st.window_parts = 0.0, 0, {}
         if window is not None:  # mid-epoch: keep the unlogged losses so the resumed log window is whole
             totals = torch.stack(
                 [
@@ -529,6 +575,7 @@ class Trainer:
                 totals = totals.to(ctx.device if ctx.device.type == "cuda" else "cpu")
                 dist_utils.all_reduce_sum(totals)
             st.window_loss_sum, st.window_samples = totals[0].item(), int(totals[1].item())
+            st.window_parts = summed_parts(self.window_parts)
             if not math.isfinite(st.window_loss_sum):  # weights a NaN touched never replace last.pth
                 raise self._non_finite(st.window_loss_sum)
         set_optimizer_mode(self.optimizer, False)  # schedule-free: save the evaluation weights

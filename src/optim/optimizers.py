@@ -35,6 +35,7 @@ def build_optimizer(section: Mapping[str, Any] | str, model: nn.Module) -> torch
     """
     kwargs = section_dict(section, "optimizer")
     no_decay = kwargs.pop("no_decay_bias_norm", False)
+    group_specs = kwargs.pop("param_groups", None) or []
     if not isinstance(no_decay, bool):
         raise ConfigError(f"optimizer.no_decay_bias_norm must be true or false, got {no_decay!r}")
     name = kwargs.get("name")
@@ -45,16 +46,25 @@ def build_optimizer(section: Mapping[str, Any] | str, model: nn.Module) -> torch
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ConfigError("the model has no trainable parameters for the optimizer; unfreeze some layers")
-    if no_decay:
+    groups: list[dict[str, Any]] = []
+    if group_specs:  # optimizer.param_groups: layer-wise settings; the rest keep the top-level ones
+        from src.optim.param_groups import split_groups
+
+        opt_cls = lookup(OPTIMIZER_REGISTRY, name)
+        groups, named = split_groups(named, group_specs, lambda s, where: _check_group(opt_cls, s, where))
+    if not named:
+        params: list[Any] = groups
+    elif no_decay:
         skip = set(_no_decay_ids(model))
         decay = [p for n, p in named if id(p) not in skip and not n.endswith("bias") and p.ndim > 1]
         kept = {id(p) for p in decay}
         plain = [p for _, p in named if id(p) not in kept]
-        params: list[Any] = [{"params": decay}] if decay else []
+        params = [{"params": decay}] if decay else []
         if plain:
             params.append({"params": plain, "weight_decay": 0.0})
+        params += groups
     else:
-        params = [p for _, p in named]
+        params = [{"params": [p for _, p in named]}, *groups] if groups else [p for _, p in named]
     try:
         return OPTIMIZER_REGISTRY.build(kwargs, params=params)
     except AssertionError as err:  # lion-pytorch validates with assert
@@ -62,6 +72,23 @@ def build_optimizer(section: Mapping[str, Any] | str, model: nn.Module) -> torch
         raise ConfigError(
             f"optimizer '{name}' rejected {given}: {str(err) or 'a value is out of range'}"
         ) from err
+
+
+def _check_group(opt_cls: Callable[..., Any], settings: dict[str, Any], where: str) -> None:
+    """A group may set what the optimizer's constructor takes (lr, weight_decay, betas, ...), nothing else."""
+    try:
+        accepted = [k for k in inspect.signature(opt_cls).parameters if k != "params"]
+    except (TypeError, ValueError):
+        return
+    for key in settings:
+        if key not in accepted:
+            from src.errors import did_you_mean
+
+            raise ConfigError(
+                f"{where}: '{key}' is not a setting of the optimizer{did_you_mean(key, accepted)}; "
+                f"a group takes 'params' and any of {', '.join(accepted)}"
+            )
+    check_types(opt_cls, settings, where=where)
 
 
 def _no_decay_ids(model: nn.Module) -> Iterator[int]:
