@@ -3,17 +3,23 @@
     python script/benchmark.py --preset mlp-cpu          # small MLP on the CPU
     python script/benchmark.py --preset resnet18-cpu
     python script/benchmark.py --preset resnet50-cuda    # bf16 + channels_last; needs CUDA
+    python script/benchmark.py --preset resnet50-cuda-resident  # compute-bound: data already on the GPU
+    python script/benchmark.py --preset data-path-cuda   # uint8 images converted per sample, loader workers
+    python script/benchmark.py --preset mlp-cpu --val-samples 300   # both loops validate every epoch
 
 Both loops train the same model on the same in-memory tensors with the same batch, optimizer
 (AdamW) and DataLoader settings, in alternating rounds. The Trainer runs through `train_main` with
 its defaults on: logging every 50 steps, TensorBoard, MLflow, the progress bar and a checkpoint at
 every epoch end; only validation is off, because the bare loop has none.
 
-Step time is read from the data itself: the dataset stamps the clock when a batch's first item is
-fetched, so the time between two stamps is one whole step (loading, forward, backward, optimizer,
-and whatever the loop does around them, epoch-end checkpoints included) for both loops alike. A
-first round, and the first epoch of every run, are warm-up and not counted. Then `python train.py`
-and a bare script are started as subprocesses to compare the time to the first step and the memory.
+Step time is read from the data itself: the clock is stamped when the training loop receives a
+batch from its DataLoader, so the time between two stamps is one whole step (loading, forward,
+backward, optimizer, and whatever the loop does around them, epoch-end checkpoints included) for
+both loops alike. A first round, and the first epoch of every run, are warm-up and not counted.
+Every preset reports the mean and the median step ratio, the epoch-boundary gap (the step that
+spans an epoch end, less a median step) and the whole-run wall ratio (each loop's call, set-up
+included). Then `python train.py` and a bare script are started as subprocesses to compare the
+time to the first step and the memory.
 """
 
 from __future__ import annotations
@@ -53,6 +59,9 @@ class Preset:
     num_classes: int = 10
     bare_model: str = ""  # how the bare start-up script builds the same model
     extra: list[str] = field(default_factory=list)  # further Trainer overrides
+    resident: bool = False  # the data lives on the device already (no loader copies, no workers)
+    decode: bool = False  # items are uint8 and converted + flipped per sample, as image decoding would be
+    workers: int | str = 0  # both loops' num_workers ("auto": the Trainer's rule, the bare loop's own pick)
 
 
 PRESETS = {
@@ -91,6 +100,36 @@ PRESETS = {
         channels_last=True,
         bare_model="__import__('torchvision').models.resnet50(num_classes=10)",
     ),
+    # Compute-bound: batches are slices of tensors already on the GPU, so any gap is the loop's own.
+    "resnet50-cuda-resident": Preset(
+        device="cuda",
+        model={"name": "resnet50"},
+        input_shape=(3, 224, 224),
+        batch=128,
+        steps_per_epoch=40,
+        epochs=3,
+        rounds=3,
+        precision="bf16",
+        channels_last=True,
+        resident=True,
+        bare_model="__import__('torchvision').models.resnet50(num_classes=10)",
+        extra=["dataloader.num_workers=0", "dataloader.pin_memory=false"],
+    ),
+    # The data path: uint8 images turned into floats and flipped per sample in loader workers.
+    "data-path-cuda": Preset(
+        device="cuda",
+        model={"name": "resnet18"},
+        input_shape=(3, 160, 160),
+        batch=128,
+        steps_per_epoch=40,
+        epochs=3,
+        rounds=3,
+        precision="bf16",
+        channels_last=True,
+        decode=True,
+        workers="auto",
+        bare_model="__import__('torchvision').models.resnet18(num_classes=10)",
+    ),
 }
 
 
@@ -112,10 +151,31 @@ class Clock:
         self.batch, self.stamps, self.cpu_stamps, self._fetched = batch, [], [], 0
 
     def tick(self) -> None:
-        if self._fetched % self.batch == 0:
-            self.stamps.append(time.perf_counter())
-            self.cpu_stamps.append(time.thread_time())
+        self.stamps.append(time.perf_counter())
+        self.cpu_stamps.append(time.thread_time())
         self._fetched += 1
+
+
+def stamp_batches() -> None:
+    """Stamp CLOCK whenever any DataLoader hands the loop a batch of the training split.
+
+    In the main process, so loader workers (which run `__getitem__` elsewhere) change nothing.
+    """
+    from torch.utils.data import dataloader
+
+    base = dataloader._BaseDataLoaderIter
+    if getattr(base, "_benchmark_stamped", False):
+        return
+    inner = base.__next__
+
+    def __next__(self: Any) -> Any:
+        batch = inner(self)
+        if getattr(self._dataset, "stamps_clock", False):
+            CLOCK.tick()
+        return batch
+
+    base.__next__ = __next__  # type: ignore[method-assign]
+    base._benchmark_stamped = True  # type: ignore[attr-defined]
 
 
 CLOCK = Clock()
@@ -133,18 +193,24 @@ def register_dataset() -> None:
 
         def __init__(self, split: str, transform: Any = None) -> None:
             self.split = split
+            self.stamps_clock = split == "train"
             self.inputs, self.targets = DATA["inputs"], DATA["targets"]
-            if split != "train":  # a short test phase after training
-                self.inputs, self.targets = self.inputs[: DATA["batch"]], self.targets[: DATA["batch"]]
+            if split != "train":  # validation (--val-samples) or a short test phase after training
+                n = DATA["val_samples"] or DATA["batch"]
+                self.inputs, self.targets = DATA["val_inputs"][:n], DATA["val_targets"][:n]
             self.num_classes = DATA["num_classes"]
+            self.decode = DATA["decode"]
 
         def __len__(self) -> int:
             return len(self.targets)
 
         def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-            if self.split == "train":
-                CLOCK.tick()
-            return self.inputs[i], self.targets[i]
+            x = self.inputs[i]
+            if self.decode:  # what an image pipeline does per sample: to float, normalise, flip
+                x = x.float().div_(255.0).sub_(0.5)
+                if i % 2:
+                    x = x.flip(-1)
+            return x, self.targets[i]
 
     if "BenchmarkTensors" not in DATASET_REGISTRY:
         DATASET_REGISTRY.register("BenchmarkTensors")(BenchmarkTensors)
@@ -152,7 +218,7 @@ def register_dataset() -> None:
 
 # ---------------------------------------------------------------------- the two loops
 def bare_loop(p: Preset, seed: int) -> None:
-    """What a researcher would write by hand: no logging, no checkpoints, no validation."""
+    """What a researcher would write by hand: no logging, no checkpoints; validation only if asked."""
     import torch
     from torch import nn
     from torch.utils.data import DataLoader
@@ -168,7 +234,14 @@ def bare_loop(p: Preset, seed: int) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
     dataset = DATASET_REGISTRY.build({"name": "BenchmarkTensors"}, split="train")
-    loader = DataLoader(dataset, batch_size=p.batch, shuffle=True, pin_memory=device.type == "cuda")
+    workers = bare_workers(p)
+    pin = device.type == "cuda" and not p.resident
+    extra: dict[str, Any] = {"persistent_workers": True} if workers else {}
+    loader = DataLoader(
+        dataset, batch_size=p.batch, shuffle=True, pin_memory=pin, num_workers=workers, **extra
+    )
+    val = DATASET_REGISTRY.build({"name": "BenchmarkTensors"}, split="val") if DATA["val_samples"] else None
+    val_loader = DataLoader(val, batch_size=p.batch, pin_memory=pin) if val is not None else None
     dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(p.precision)
     model.train()
     for _ in range(p.epochs):
@@ -181,8 +254,27 @@ def bare_loop(p: Preset, seed: int) -> None:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if val_loader is not None:  # loss and accuracy, as a hand-written loop would report them
+            model.eval()
+            correct = torch.zeros((), device=device)
+            with torch.no_grad():
+                for x, y in val_loader:
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+                        out = model(x)
+                    loss_fn(out.float(), y)
+                    correct += (out.argmax(1) == y).sum()
+            float(correct)
+            model.train()
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def bare_workers(p: Preset) -> int:
+    """The bare loop's num_workers: a researcher's usual pick for "auto", min(8, cores) on CUDA."""
+    if p.workers != "auto":
+        return int(p.workers)
+    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def trainer_overrides(p: Preset, output: Path, dataset: str, seed: int) -> list[str]:
@@ -196,7 +288,8 @@ def trainer_overrides(p: Preset, output: Path, dataset: str, seed: int) -> list[
         *(f"model.{k}={v}" for k, v in p.model.items() if k != "name"),
         "optimizer.name=AdamW",
         "optimizer.lr=0.001",
-        "evaluation.frequency=0",
+        f"evaluation.frequency={1 if DATA.get('val_samples') else 0}",
+        f"dataloader.num_workers={p.workers}",
         f"gpu.device={p.device}",
         f"gpu.precision={p.precision}",
         f"model.channels_last={str(p.channels_last).lower()}",
@@ -219,6 +312,18 @@ def steady_step_times(p: Preset, cpu: bool = False) -> list[float]:
     """Durations between consecutive batch starts, after the first (warm-up) epoch."""
     stamps = (CLOCK.cpu_stamps if cpu else CLOCK.stamps)[p.steps_per_epoch :]
     return [b - a for a, b in itertools.pairwise(stamps)]
+
+
+def first_epoch_step_times(p: Preset) -> list[float]:
+    """Durations between batch starts inside the first epoch, where start-up work may still run."""
+    return [b - a for a, b in itertools.pairwise(CLOCK.stamps[: p.steps_per_epoch])]
+
+
+def boundary_gaps(p: Preset) -> list[float]:
+    """Per epoch end: the step that spans it less a median steady step (what the boundary adds)."""
+    median = statistics.median(steady_step_times(p))
+    ends = range(p.steps_per_epoch, len(CLOCK.stamps), p.steps_per_epoch)
+    return [CLOCK.stamps[i] - CLOCK.stamps[i - 1] - median for i in ends]
 
 
 def peak_memory_gb(device: str) -> float | None:
@@ -359,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, help="epochs per run, the first being warm-up (>= 2)")
     parser.add_argument("--startup-rounds", type=int, default=3, help="time-to-first-step runs; 0 skips")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for the in-process loops")
+    parser.add_argument("--val-samples", type=int, default=0,
+                        help="validate both loops on this many samples every epoch (default 0: no validation)")  # fmt: skip
     args = parser.parse_args(argv)
     p = PRESETS[args.preset]
     p.rounds = args.rounds or p.rounds
@@ -374,16 +481,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     register_dataset()
+    stamp_batches()
     n = p.steps_per_epoch * p.batch
     gen = torch.Generator().manual_seed(0)
+    where = p.device if p.resident else "cpu"
+
+    def make(count: int) -> Any:
+        if p.decode:
+            return torch.randint(0, 256, (count, *p.input_shape), dtype=torch.uint8, generator=gen).to(where)
+        return torch.randn(count, *p.input_shape, generator=gen).to(where)
+
+    n_val = max(args.val_samples, p.batch)
     DATA.update(
-        inputs=torch.randn(n, *p.input_shape, generator=gen),
-        targets=torch.randint(0, p.num_classes, (n,), generator=gen),
+        inputs=make(n),
+        targets=torch.randint(0, p.num_classes, (n,), generator=gen).to(where),
+        val_inputs=make(n_val),
+        val_targets=torch.randint(0, p.num_classes, (n_val,), generator=gen).to(where),
+        val_samples=args.val_samples,
+        decode=p.decode,
         batch=p.batch,
         num_classes=p.num_classes,
     )
     print(f"benchmark {args.preset}: {machine()}", flush=True)
-    print(f"  {p.rounds} rounds x {p.epochs} epochs x {p.steps_per_epoch} steps, batch {p.batch}", flush=True)
+    print(f"  {p.rounds} rounds x {p.epochs} epochs x {p.steps_per_epoch} steps, batch {p.batch}, "
+          f"num_workers {p.workers} (bare loop {bare_workers(p)}), data on {where}, "
+          f"validation of {args.val_samples} samples per epoch", flush=True)  # fmt: skip
 
     results: dict[str, list[float]] = {}
     memory: dict[str, list[float]] = {"bare": [], "trainer": []}
@@ -399,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in ("bare", "trainer") if r % 2 == 0 else ("trainer", "bare"):
                 CLOCK.start(p.batch)
                 reset_peak(p.device)
+                began = time.perf_counter()
                 if name == "bare":
                     bare_loop(p, seed=r)
                 else:
@@ -406,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
                     reported += [
                         m["step_time"] for m in read_jsonl(run / "metrics.jsonl") if "step_time" in m
                     ]
+                results.setdefault(f"{name}_wall", []).append(time.perf_counter() - began)
+                results.setdefault(f"{name}_gap", []).append(statistics.fmean(boundary_gaps(p)))
+                results.setdefault(f"{name}_first", []).append(statistics.fmean(first_epoch_step_times(p)))
                 steps = steady_step_times(p)
                 results.setdefault(name, []).append(statistics.fmean(steps))
                 results.setdefault(f"{name}_median", []).append(statistics.median(steps))
@@ -419,16 +545,28 @@ def main(argv: list[str] | None = None) -> int:
                   f"trainer {results['trainer'][-1] * 1e3:.3f} ms/step, ratio {ratio:.3f}", flush=True)  # fmt: skip
         times = startup(p, args.startup_rounds, work) if args.startup_rounds else None
 
-    ratios = [t / b for t, b in zip(results["trainer"], results["bare"], strict=True)]
+    def ratio_of(key: str) -> list[float]:
+        return [t / b for t, b in zip(results[f"trainer{key}"], results[f"bare{key}"], strict=True)]
+
+    ratios = ratio_of("")
     print(f"\n== {args.preset} ({machine()})")
     print(f"bare loop step time    (mean per round, ms): {spread(results['bare'])}")
     print(f"Trainer step time      (mean per round, ms): {spread(results['trainer'])}")
-    print(f"step-time ratio Trainer/bare (median over rounds): {statistics.median(ratios):.3f}  "
+    print(f"mean step-time ratio Trainer/bare (median over rounds): {statistics.median(ratios):.3f}  "
           f"(per round: {', '.join(f'{x:.3f}' for x in ratios)})")  # fmt: skip
     for key, what in (("median", "median step"), ("p10", "10th-percentile step, the quiet ones")):
         per_round = [t / b for t, b in zip(results[f"trainer_{key}"], results[f"bare_{key}"], strict=True)]
         print(f"{what} ratio, epoch ends and log steps left out: {statistics.median(per_round):.3f} "
               f"(per round: {', '.join(f'{x:.3f}' for x in per_round)})")  # fmt: skip
+    for key, what in (
+        ("_first", "first-epoch mean step"),
+        ("_wall", "whole-run wall time (set-up included)"),
+    ):
+        values = ratio_of(key)
+        print(f"{what} ratio Trainer/bare: {statistics.median(values):.3f} "
+              f"(per round: {', '.join(f'{x:.3f}' for x in values)})")  # fmt: skip
+    print(f"epoch-boundary gap beyond a median step (mean over epoch ends, ms): bare {spread(results['bare_gap'])}, "
+          f"Trainer {spread(results['trainer_gap'])}")  # fmt: skip
     cpu = [t / b for t, b in zip(results["trainer_cpu"], results["bare_cpu"], strict=True)]
     print(f"main-thread CPU time per step (ms): bare {spread(results['bare_cpu'])}, "
           f"Trainer {spread(results['trainer_cpu'])}; ratio {statistics.median(cpu):.3f} "

@@ -174,7 +174,7 @@ def test_two_ranks_equal_one_process_on_all_data(tmp_path) -> None:
     single = _evaluator(top_k=2)
     single.update(LOGITS, TARGETS)
     expected_mae = {"mae": (1 + 2) / 6, "count": 6.0}  # sample 1 is off by one class, sample 5 by two
-    # fork: the children inherit the imported torchmetrics instead of paying seconds to import it again
+    # fork: the children inherit the imports instead of paying seconds for them again
     mp.start_processes(_rank_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="fork")
     for rank in (0, 1):
         metrics, confmat, report, mae = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
@@ -182,3 +182,39 @@ def test_two_ranks_equal_one_process_on_all_data(tmp_path) -> None:
         assert confmat == CONFMAT
         assert report == single.report()
         assert mae == pytest.approx(expected_mae)
+
+
+def test_plain_torch_metrics_equal_torchmetrics_with_absent_classes() -> None:
+    """The evaluator derives everything from a confusion matrix; torchmetrics is the reference it replaced."""
+    from torchmetrics.classification import (
+        MulticlassAccuracy,
+        MulticlassF1Score,
+        MulticlassPrecision,
+        MulticlassRecall,
+    )
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(200, 7, generator=gen)
+    logits[:, 6] -= 10  # class 6 is never predicted
+    targets = torch.randint(0, 5, (200,), generator=gen)  # classes 5 and 6 never present
+    logits[:20, 5] += 10  # class 5 is predicted but never present
+    for average in AVERAGES_UNDER_TEST:
+        ev = EVALUATOR_REGISTRY.build(
+            {"name": "classification_evaluator", "num_classes": 7, "average": average, "top_k": 3},
+            metrics=ALL,
+        )
+        for part in (slice(0, 64), slice(64, 200)):
+            ev.update(logits[part], targets[part])
+        got = ev.compute()
+        reference = {
+            "accuracy": MulticlassAccuracy(7, average="micro"),
+            "f1_score": MulticlassF1Score(7, average=average),
+            "precision": MulticlassPrecision(7, average=average),
+            "recall": MulticlassRecall(7, average=average),
+            "top3_accuracy": MulticlassAccuracy(7, average="micro", top_k=3),
+        }
+        for key, metric in reference.items():
+            assert got[key] == pytest.approx(float(metric(logits, targets)), abs=1e-6), (average, key)
+
+
+AVERAGES_UNDER_TEST = ("macro", "weighted", "micro")

@@ -267,7 +267,21 @@ def test_fused_optimizer_only_on_cuda_and_only_when_not_chosen():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
-def test_benchmark_cuda_preset_refuses_cleanly_without_cuda():
-    proc = run_script("script/benchmark.py", "--preset", "resnet50-cuda")
+@pytest.mark.parametrize("preset", ["resnet50-cuda", "resnet50-cuda-resident", "data-path-cuda"])
+def test_benchmark_cuda_preset_refuses_cleanly_without_cuda(preset):
+    proc = run_script("script/benchmark.py", "--preset", preset)
     assert proc.returncode == 2, explain(proc)
     assert "needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_benchmark_reports_every_ratio_on_a_tiny_cpu_run():
+    proc = run_script(
+        "script/benchmark.py", "--preset", "mlp-cpu", "--steps", "12", "--rounds", "1", "--epochs", "2",
+        "--startup-rounds", "0", "--val-samples", "64", "--threads", "1",
+    )  # fmt: skip
+    assert proc.returncode == 0, explain(proc)
+    for line in ("mean step-time ratio", "median step ratio", "first-epoch mean step ratio",
+                 "whole-run wall time (set-up included) ratio", "epoch-boundary gap beyond a median step"):  # fmt: skip
+        assert line in proc.stdout, line
+    assert "validation of 64 samples per epoch" in proc.stdout

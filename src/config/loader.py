@@ -280,6 +280,12 @@ def check_values(cfg: dict[str, Any], sources: dict[str, str]) -> None:
                 f"invalid value {value!r} for '{key}' (from {sources.get(key, 'default')}); "
                 f"choose one of: {', '.join(choices)}"
             )
+    workers = _get(cfg, "dataloader.num_workers")
+    if isinstance(workers, str) and workers.strip().lower() != "auto":
+        raise ConfigError(
+            f"invalid value {workers!r} for 'dataloader.num_workers' (from "
+            f"{sources.get('dataloader.num_workers', 'default')}); use a number of workers or auto"
+        )
     for key, (low, high, low_inclusive) in RANGES.items():
         value = _get(cfg, key)
         if value is None or isinstance(value, str):

@@ -111,7 +111,7 @@ class DistributedConfig:
 
 @dataclass
 class DataloaderConfig:
-    num_workers: int = 0
+    num_workers: Any = "auto"  # an int, or auto: min(8, cores per process) on CUDA (persistent), 0 on CPU
     pin_memory: bool = True
     persistent_workers: bool = False
     prefetch_factor: int = 2

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from src.data.workers import resolve_workers
+
 
 def seed_worker(worker_id: int) -> None:
     """Put each worker's Python and NumPy RNGs on the seed torch derived for it from the loader's generator.
@@ -36,10 +38,10 @@ def build_loader(
     that wants workers' random streams to match after a resume re-seeds or restores `loader.generator`.
     """
     cfg = dict(loader_cfg or {})
-    num_workers = int(cfg.get("num_workers", 0))
+    num_workers, persistent = resolve_workers(cfg, device_type)  # `auto`: see src/data/workers.py
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
-        kwargs["persistent_workers"] = bool(cfg.get("persistent_workers", False))
+        kwargs["persistent_workers"] = persistent
         if cfg.get("prefetch_factor") is not None:
             kwargs["prefetch_factor"] = int(cfg["prefetch_factor"])
     return DataLoader(

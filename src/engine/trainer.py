@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from src.data.workers import DataWaitWatch
 from src.engine import distributed as dist_utils
 from src.engine.batchnorm import RECOMPUTE_BATCHES, batchnorm_layers, recompute_batchnorm, recompute_loader
 from src.engine.build import (
@@ -93,6 +94,7 @@ class Trainer:
         self.trackers: Any = None
         self.tracking_active = False
         self.window_parts: dict[str, torch.Tensor] = {}
+        self.data_wait = DataWaitWatch()  # warns when the loop keeps waiting for batches
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainState:
@@ -465,6 +467,8 @@ class Trainer:
         if self.ctx.is_main:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
             log.info("epoch %d step %d: %s", st.epoch + 1, st.global_step, shown)
+            if advice := self.data_wait.observe(metrics):
+                log.warning(advice)
 
     def _progress(self, total: int, desc: str) -> Any:
         from src.tracking import Progress

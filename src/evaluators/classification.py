@@ -1,7 +1,11 @@
-"""The built-in `classification_evaluator`: torchmetrics multiclass metrics plus a confusion matrix.
+"""The built-in `classification_evaluator`: multiclass metrics from one confusion matrix.
 
-Every metric is a torchmetrics object, so `compute()` and `confusion_matrix()` sum the states of
-all ranks when a process group is running; call them on every rank.
+Accuracy, F1, precision and recall all follow from the confusion matrix (plus a count of top-k
+hits), so the evaluator keeps just those two tensors on the outputs' device: `update` adds one
+bincount per batch, `reset` zeroes them, `compute` sums them over ranks (one all-reduce) and
+derives every metric, with torchmetrics' conventions (a class never present nor predicted does not
+count in a macro average; 0 where a ratio's denominator is 0). Plain torch, so building it imports
+nothing heavy and a validation's fixed cost is a handful of small tensor ops.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 
 from src.errors import ConfigError, RunError, did_you_mean
 from src.evaluators.base import BaseEvaluator
@@ -33,14 +38,6 @@ class ClassificationEvaluator(BaseEvaluator):
         metrics: Sequence[str] = ("accuracy",),
         top_k: int = 5,
     ) -> None:
-        from torchmetrics.classification import (
-            MulticlassAccuracy,
-            MulticlassConfusionMatrix,
-            MulticlassF1Score,
-            MulticlassPrecision,
-            MulticlassRecall,
-        )
-
         if isinstance(metrics, str):
             metrics = [metrics]
         super().__init__(list(dict.fromkeys(metrics)))
@@ -62,24 +59,9 @@ class ClassificationEvaluator(BaseEvaluator):
         self.num_classes = num_classes
         self.average = average
         self.top_k = top_k
-        # Argument checks inside torchmetrics sync with the device on every batch; update() checks once.
-        common = {"num_classes": num_classes, "validate_args": False}
-        classes = {
-            "accuracy": MulticlassAccuracy,
-            "f1_score": MulticlassF1Score,
-            "precision": MulticlassPrecision,
-            "recall": MulticlassRecall,
-        }
-        self._metrics: dict[str, torch.nn.Module] = {}
-        for name in self.metrics:
-            if name == "top_k":  # torchmetrics refuses k > num_classes; any k >= num_classes is always right
-                k = min(top_k, num_classes)
-                self._metrics[f"top{top_k}_accuracy"] = MulticlassAccuracy(average="micro", top_k=k, **common)
-            else:
-                mode = "micro" if name == "accuracy" else average
-                self._metrics[name] = classes[name](average=mode, **common)
-        self._confmat = MulticlassConfusionMatrix(**common)
-        self._device: torch.device | None = None
+        self._confmat = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        self._top_hits = torch.zeros((), dtype=torch.int64)
+        self._checked = False
 
     def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         if outputs.ndim != 2 or outputs.shape[1] != self.num_classes:
@@ -87,33 +69,73 @@ class ClassificationEvaluator(BaseEvaluator):
                 f"classification_evaluator expects logits of shape (N, {self.num_classes}) but got "
                 f"{tuple(outputs.shape)}; check evaluator.num_classes and the model's num_classes"
             )
-        if self._device is None:
+        if not self._checked:  # once: reading the targets' range syncs with the device
             _check_targets(targets, self.num_classes)
-        if outputs.device != self._device:
-            for metric in self._all():
-                metric.to(outputs.device)
-            self._device = outputs.device
-        outputs, targets = outputs.detach(), targets.detach()
-        for metric in self._all():
-            metric.update(outputs, targets)
+            self._checked = True
+        outputs, targets = outputs.detach(), targets.detach().long()
+        if self._confmat.device != outputs.device:
+            self._confmat = self._confmat.to(outputs.device)
+            self._top_hits = self._top_hits.to(outputs.device)
+        n = self.num_classes
+        cells = targets * n + outputs.argmax(1)
+        self._confmat += torch.bincount(cells, minlength=n * n).view(n, n)
+        if "top_k" in self.metrics and self.top_k < n:
+            top = outputs.topk(self.top_k, dim=1).indices
+            self._top_hits += (top == targets[:, None]).any(1).sum()
 
     def compute(self) -> dict[str, float]:
-        return {key: float(metric.compute()) for key, metric in self._metrics.items()}
+        cm, top_hits = self._reduced()
+        cm = cm.double()
+        tp = cm.diag()
+        predicted, support = cm.sum(0), cm.sum(1)
+        total = support.sum()
+        results: dict[str, float] = {}
+        for name in self.metrics:
+            if name == "accuracy":
+                results[name] = float(_ratio(tp.sum(), total))
+            elif name == "top_k":
+                hits = total if self.top_k >= self.num_classes else top_hits.double()
+                results[f"top{self.top_k}_accuracy"] = float(_ratio(hits, total))
+            else:
+                results[name] = float(self._averaged(name, tp, predicted, support))
+        return results
 
     def reset(self) -> None:
-        for metric in self._all():
-            metric.reset()
+        self._confmat.zero_()
+        self._top_hits.zero_()
 
     def confusion_matrix(self) -> torch.Tensor:
         """Counts (num_classes x num_classes) on the CPU: row = true class, column = predicted class."""
-        return self._confmat.compute().cpu()
+        return self._reduced()[0].cpu()
 
     def report(self, class_names: Sequence[str] | None = None) -> str:
         """A plain-text per-class precision/recall/f1/support table with accuracy and averages."""
         return classification_report(self.confusion_matrix(), class_names)
 
-    def _all(self) -> list[torch.nn.Module]:
-        return [*self._metrics.values(), self._confmat]
+    def _reduced(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The counts summed over every rank (a copy: the local counts stay this rank's own)."""
+        flat = torch.cat([self._confmat.flatten(), self._top_hits.view(1)])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if dist.get_backend() == "nccl" and not flat.is_cuda:
+                flat = flat.cuda()
+            flat = flat.clone()
+            dist.all_reduce(flat)
+        n = self.num_classes
+        return flat[: n * n].view(n, n), flat[n * n]
+
+    def _averaged(
+        self, name: str, tp: torch.Tensor, predicted: torch.Tensor, support: torch.Tensor
+    ) -> torch.Tensor:
+        if self.average == "micro":  # single-label: micro precision = recall = f1 = accuracy
+            return _ratio(tp.sum(), support.sum())
+        precision, recall = _ratio(tp, predicted), _ratio(tp, support)
+        score = {"precision": precision, "recall": recall, "f1_score": _ratio(2 * tp, predicted + support)}[
+            name
+        ]
+        if self.average == "weighted":
+            return (score * support).sum() / support.sum().clamp(min=1)
+        seen = (predicted + support) > 0  # macro: classes never present nor predicted do not count
+        return score[seen].mean() if bool(seen.any()) else torch.zeros((), dtype=score.dtype)
 
 
 def _check_targets(targets: torch.Tensor, num_classes: int) -> None:
