@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--size", type=int, default=8, help="image height and width in pixels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--noise", type=float, default=1.5, help="noise around each class pattern; higher is harder"
+    )
     args = parser.parse_args(argv)
     if args.classes < 1 or args.per_class < 1 or args.size < 1:
         print("error: --classes, --per-class and --size must be at least 1", file=sys.stderr)
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         num_classes=args.classes,
         input_shape=(3, args.size, args.size),
         train_size=args.classes * args.per_class,
-        noise=0.5,
+        noise=args.noise,
         seed=args.seed,
     )
     raw = args.root / "raw"

@@ -22,6 +22,7 @@ def default_folds(cfg: Any) -> list[int]:
             "cross-validation needs --folds, or dataset.root with a splits/ folder (make_splits.py)"
         )
     from src.data.cv_splits import read_info
+
     try:
         return list(range(int(read_info(Path(str(root)).expanduser() / "splits")["folds"])))
     except RunError as err:
