@@ -156,13 +156,16 @@ def test_workflows_doc_runs_end_to_end(tmp_path):
     assert len(commands) == 7 and commands[-1].startswith("python script/compare.py")
     outputs = []
     for command in commands:
+        command = command.replace(
+            "--folds 3", "--folds 2"
+        )  # the doc's 3 folds, cut to 2 to keep the suite quick
         proc = subprocess.run(["bash", "-c", command], cwd=work, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
                               capture_output=True, text=True, timeout=600)  # fmt: skip
         assert proc.returncode == 0, f"{command}\n{explain(proc)}"
         outputs.append(proc.stdout)
     folder = work / "result" / "ImageFolder"
     runs = sorted(p.name for p in folder.glob("*/config.yaml"))
-    assert len(runs) == 1 + 2 + 2 + 3, runs  # fold 0 of the first CV reuses the quick fold-0 run
+    assert len(runs) == 1 + 2 + 1 + 2, runs  # fold 0 of the first CV reuses the quick fold-0 run
     assert "fold 0: finished in" in outputs[4] and "skipped" in outputs[4]
 
     cv = next(p for p in folder.iterdir() if p.name.endswith("_cv_SimpleCNN"))
@@ -170,8 +173,8 @@ def test_workflows_doc_runs_end_to_end(tmp_path):
         rows = {r["fold"]: r for r in csv.DictReader(f)}
     tests = [json.loads((Path(rows[str(k)]["run"]) if Path(rows[str(k)]["run"]).is_absolute()
                          else work / rows[str(k)]["run"]).joinpath("test/metrics.json").read_text())
-             for k in range(3)]  # fmt: skip
-    for k in range(3):
+             for k in range(2)]  # fmt: skip
+    for k in range(2):
         assert rows[str(k)]["run"].endswith(f"_fold{k}")
     for metric in ("test_accuracy", "test_loss"):
         values = [t[metric] for t in tests]
@@ -189,8 +192,8 @@ def test_workflows_doc_runs_end_to_end(tmp_path):
     assert parent.data.tags["workflow"] == "cross_validation" and parent.info.status == "FINISHED"
     assert parent.data.metrics["test_accuracy_mean"] == pytest.approx(float(rows["mean"]["test_accuracy"]))
     children = [r for r in every if r.data.tags.get("mlflow.parentRunId") == parent_id]
-    # fold 0 was trained before the cross-validation existed: only folds 1 and 2 ran under it
-    assert sorted(r.data.tags["fold"] for r in children) == ["1", "2"]
+    # fold 0 was trained before the cross-validation existed: only fold 1 ran under it
+    assert [r.data.tags["fold"] for r in children] == ["1"]
     assert all(r.info.status == "FINISHED" for r in children)
     sweep_parent = next(r for r in every if r.data.tags.get("workflow") == "sweep")
     assert len([r for r in every if r.data.tags.get("mlflow.parentRunId") == sweep_parent.info.run_id]) == 2
