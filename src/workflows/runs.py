@@ -36,8 +36,11 @@ from src.errors import ConfigError
 log = logging.getLogger("template.workflows")
 
 ROOT = Path(__file__).resolve().parents[2]
-# Settings that say where and on what a run trained, not what it computed.
-VOLATILE = ("run_dir", "logging.mlflow_tracking_uri", "logging.progress_bar", "gpu.use", "gpu.device")
+# Settings that say where, on what and how loudly a run trained, not what it computed.
+VOLATILE = (
+    "run_dir", "logging", "gpu.use", "gpu.device", "dataloader.num_workers", "dataloader.pin_memory",
+    "dataloader.persistent_workers", "dataloader.prefetch_factor",
+)  # fmt: skip
 
 
 @dataclass
