@@ -55,6 +55,7 @@ def cross_validate(config: str, overrides: list[str], folds: list[int] | None, g
         )
         job.extra["fold"] = k
         jobs.append(job)
+    runs.check(jobs)
     key = runs.digest(runs.fingerprint(base, drop=("dataset.fold",)))
     cv_dir = runs.summary_dir(base, "cv", key)
     state = runs.read_state(cv_dir, "cv")

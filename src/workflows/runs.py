@@ -59,6 +59,15 @@ def load(config: str | Path, overrides: Sequence[str]) -> DictConfig:
     return load_config(Path(config), list(overrides))
 
 
+def check(jobs: list[Job]) -> None:
+    """Refuse a bad component name or argument now (exit 2), not once per run in a subprocess."""
+    from src.engine.build import import_user_modules, preflight
+
+    for job in jobs:
+        import_user_modules(list(job.cfg.imports))
+        preflight(job.cfg)
+
+
 def fingerprint(cfg: DictConfig | dict, drop: Sequence[str] = ()) -> dict[str, Any]:
     """The flat settings that decide what a run computes (VOLATILE and `drop` removed)."""
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg

@@ -127,6 +127,7 @@ def sweep(
         raise ConfigError(f"--metric must be a val_ or test_ metric, e.g. val_accuracy; got '{metric}'")
     if mode not in ("min", "max"):
         raise ConfigError(f"--mode must be min or max, got '{mode}'")
+    runs.check(jobs if index is None else jobs[index : index + 1])
     if index is not None:  # one point, no summary: many of these run at once under SLURM
         if not 0 <= index < len(jobs):
             raise ConfigError(
