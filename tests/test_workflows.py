@@ -275,3 +275,29 @@ def test_sweep_killed_and_rerun_finishes_only_missing_points(tmp_path):
         .read_text()
         .startswith("--array=0-2 script/slurm_sweep.sh config/dummy.yaml")
     )
+
+
+def test_workflow_commands_refuse_bad_input_before_running(tmp_path, monkeypatch, capsys):
+    """One `error:` line and exit 2, and nothing written, for each kind of bad command line."""
+    monkeypatch.chdir(tmp_path)
+    dummy = str(ROOT / "config" / "dummy.yaml")
+    cross_validate, sweep = load_script("cross_validate").main, load_script("sweep").main
+    cases = [
+        (
+            cross_validate,
+            [dummy, "--folds", "0,1"],
+            "dataset 'SyntheticClassification' has no argument 'fold'",
+        ),
+        (cross_validate, [dummy], "cross-validation needs --folds, or dataset.root"),
+        (cross_validate, [dummy, "--folds", "0,x"], "--folds takes fold numbers"),
+        (cross_validate, [dummy, "--gpus", "a"], "--gpus takes GPU ids"),
+        (sweep, [dummy, "batch=4"], "nothing to sweep"),
+        (sweep, [dummy, "model=Nope,SimpleCNN"], "unknown model 'Nope'"),
+        (sweep, [dummy, "batch=4,8", "--metric", "accuracy"], "--metric must be a val_ or test_ metric"),
+        (sweep, [dummy, "batch=4,8", "--index", "5"], "--index 5 is outside the sweep's 2 points"),
+    ]
+    for main, argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "result").exists()
