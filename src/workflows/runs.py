@@ -9,10 +9,10 @@ from its config.yaml, and only missing ones start anew.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import ctypes
 import datetime
+import functools
 import hashlib
 import json
 import logging
@@ -170,15 +170,25 @@ def _start(job: Job, gpu: str | None, env: dict[str, str], log_dir: Path, concur
         env=full_env,
         stdout=out,
         stderr=subprocess.STDOUT if out else None,
-        preexec_fn=_stop_with_parent if sys.platform.startswith("linux") else None,
+        preexec_fn=_stop_with_parent(),
     )
     return proc, job, gpu, out
 
 
-def _stop_with_parent() -> None:
-    """In the child: SIGTERM when the workflow process dies (PR_SET_PDEATHSIG), to checkpoint and exit."""
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+@functools.cache
+def _stop_with_parent() -> Any:
+    """A call for the child to make before exec: SIGTERM when the workflow dies, to checkpoint and exit.
+
+    Linux's prctl(PR_SET_PDEATHSIG); None elsewhere. libc is loaded here, in the parent, so the
+    child (forked while MLflow's thread may run) only calls a function it already has.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return functools.partial(prctl, 1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
 
 
 # ---------------------------------------------------------------------- results of runs
