@@ -11,6 +11,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -104,16 +105,40 @@ class _FixedClassFolder(tvd.ImageFolder):
         return self._classes, {name: i for i, name in enumerate(self._classes)}
 
 
+class _ListedImages(Dataset):
+    """(image, label) pairs from a list of files, loaded the way torchvision's ImageFolder loads them."""
+
+    def __init__(self, items: list[tuple[Path, int]], transform: Callable) -> None:
+        self.items = items
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.items[index]
+        return self.transform(tvd.folder.default_loader(str(path))), label
+
+
 def _subfolders(path: str) -> list[str]:
     return sorted(e.name for e in os.scandir(path) if e.is_dir())
 
 
 @DATASET_REGISTRY.register()
 class ImageFolder(Dataset):
-    """Images laid out as root/<split>/<class_name>/<image>; class names come from root/train."""
+    """Images laid out as root/<split>/<class_name>/<image>; class names come from root/train.
 
-    def __init__(self, root: str, split: str, transform: Callable | None = None) -> None:
+    With `fold` set, root holds raw/<class_name>/<image> and the lists of script/make_splits.py in
+    splits/ instead: fold k trains and validates on its own lists and tests on the shared test list.
+    """
+
+    def __init__(
+        self, root: str, split: str, transform: Callable | None = None, fold: int | None = None
+    ) -> None:
         _check_split(split, "ImageFolder")
+        if fold is not None:
+            self._from_splits(root, split, int(fold), transform)
+            return
         layout = "expected root/{train,val,test}/<class_name>/<image files>"
         root = os.path.abspath(os.path.expanduser(str(root)))
         if not os.path.isdir(root):
@@ -122,6 +147,10 @@ class ImageFolder(Dataset):
         if split == "test" and not os.path.isdir(folder):
             log.warning("ImageFolder: no test split at %s; testing on the val split instead", folder)
             folder = os.path.join(root, "val")
+        if not os.path.isdir(folder) and os.path.isdir(os.path.join(root, "splits")):
+            raise RunError(
+                f"ImageFolder: '{root}' holds raw/ and splits/: choose a fold, e.g. dataset.fold=0"
+            )
         if not os.path.isdir(folder):
             raise RunError(f"ImageFolder: split folder '{folder}' does not exist ({layout})")
         train = os.path.join(root, "train")
@@ -137,6 +166,22 @@ class ImageFolder(Dataset):
         if len(self._folder) == 0:
             raise RunError(f"ImageFolder: no images found under '{folder}' ({layout})")
         self.targets: list[int] = list(self._folder.targets)
+
+    def _from_splits(self, root: str, split: str, fold: int, transform: Callable | None) -> None:
+        from src.data.cv_splits import read_split
+
+        path = Path(os.path.expanduser(str(root))).resolve()
+        if not (path / "raw").is_dir():
+            raise RunError(
+                f"ImageFolder: dataset.fold is set but '{path / 'raw'}' does not exist (root/raw/<class>/<image>)"
+            )
+        self.classes, items = read_split(path, split, fold)
+        self.num_classes = len(self.classes)
+        self.root = str(path / "raw")
+        self._folder = _ListedImages(items, EnsureFloat(transform))
+        if len(self._folder) == 0:
+            raise RunError(f"ImageFolder: the {split} list of fold {fold} under '{path / 'splits'}' is empty")
+        self.targets = [label for _, label in items]
 
     def __len__(self) -> int:
         return len(self._folder)

@@ -23,9 +23,11 @@ HARMLESS_ON_RESUME = (
 
 
 def new_run_dir(cfg: DictConfig) -> Path:
-    """result/<dataset>/<YYYYMMDD_HHMMSS>_<model>[_<tag>]/, made unique if two runs start in one second."""
+    """result/<dataset>/<YYYYMMDD_HHMMSS>_<model>[_<tag>][_fold<k>]/, made unique if two runs start in one second."""
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     name = f"{stamp}_{_slug(cfg.model.name)}" + (f"_{_slug(cfg.tag)}" if cfg.tag else "")
+    if cfg.dataset.get("fold") is not None:  # a cross-validation fold (ImageFolder with splits/)
+        name += f"_fold{_slug(cfg.dataset.fold)}"
     parent = Path(cfg.output) / _slug(cfg.dataset.name)
     try:
         parent.mkdir(parents=True, exist_ok=True)

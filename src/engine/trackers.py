@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+# The MLflow run that a workflow (cross-validation, sweep) opened; its runs become that run's children.
+PARENT_RUN_ENV = "TEMPLATE_MLFLOW_PARENT_RUN_ID"
 
 
 def resolve_uri(cfg: DictConfig) -> DictConfig:
@@ -35,6 +39,10 @@ def start_trackers(cfg: DictConfig, run_dir: Path, saved: dict | None, step: int
         )
     if cfg.logging.mlflow:
         tags = {"tag": str(cfg.tag), "run_dir": str(run_dir), "host": socket.gethostname(), **_git_tags()}
+        if cfg.dataset.get("fold") is not None:
+            tags["fold"] = str(cfg.dataset.fold)
+        if os.environ.get(PARENT_RUN_ENV):  # started by script/cross_validate.py or sweep.py: nest under it
+            tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
         run_id = saved.get("MlflowTracker", {}).get("run_id")
         mlflow = MlflowTracker(
             cfg.logging.mlflow_tracking_uri, experiment_name(cfg), run_dir.name, tags, run_id=run_id

@@ -1,0 +1,1 @@
+"""The logic behind script/'s workflow commands: splits, cross-validation, sweeps, comparison."""

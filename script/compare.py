@@ -1,0 +1,46 @@
+"""Compare two models over the same folds: mean difference and paired t-test p-value per metric.
+
+    python script/compare.py A B [--metric test_accuracy] [--alpha 0.05] [--json]
+
+A and B are cross-validation directories (<ts>_cv_<model>/, from cross_validate.py), their
+cv_summary.csv, or comma-separated lists of finished run directories (paired by dataset.fold).
+The last line is the verdict for --metric (default test_accuracy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("a", help="model A: a CV directory, a cv_summary.csv, or run directories r1,r2,...")
+    parser.add_argument("b", help="model B, the same way")
+    parser.add_argument("--metric", help="the metric of the verdict (default test_accuracy)")
+    parser.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+
+    from src.engine.cli import run_cli
+
+    def go() -> int:
+        from src.errors import ConfigError
+        from src.workflows.compare import compare, table, to_json
+
+        if not 0 < args.alpha < 1:
+            raise ConfigError(f"--alpha must be between 0 and 1, got {args.alpha}")
+        rows, verdict = compare(args.a, args.b, args.metric, args.alpha)
+        print(to_json(rows, verdict) if args.json else table(rows) + "\n" + verdict)
+        return 0
+
+    return run_cli(go, show_traceback=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

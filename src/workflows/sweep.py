@@ -1,0 +1,209 @@
+"""Grid or random search over config settings: one ordinary result directory per point.
+
+`optimizer.lr=1e-4,1e-3 batch=32,64` is a 2x2 grid; `--random N` trains N of its points, drawn
+without replacement by `--seed`, so a rerun draws the same ones. Each point is
+`python train.py CONFIG fixed... optimizer.lr=1e-4 batch=32 tag=<tag>_lr1e-4_batch32`, found again,
+skipped or resumed the way cross-validation folds are. The summary directory
+<output>/<dataset>/<ts>_sweep_<model>[_<tag>]/ holds sweep_summary.csv and .md, best first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+from typing import Any
+
+from src.engine.run_dir import _slug
+from src.errors import ConfigError, RunError
+from src.workflows import runs
+
+
+def split_values(text: str) -> list[str]:
+    """`1e-4,1e-3` -> ['1e-4', '1e-3']; commas inside [...], {...} or quotes do not split."""
+    parts, depth, quote, current = [], 0, "", ""
+    for char in text:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+            continue
+        current += char
+    parts.append(current)
+    return [p.strip() for p in parts]
+
+
+def parse_axes(items: list[str]) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """(fixed overrides, [(key, [value texts])]): an item with several values is an axis of the grid."""
+    fixed, axes = [], []
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"malformed setting '{item}': write key=value or key=v1,v2,...")
+        values = split_values(text)
+        if len(values) > 1:
+            if any(not v for v in values):
+                raise ConfigError(f"'{item}' has an empty value; write key=v1,v2,...")
+            if key.strip() in (k for k, _ in axes):
+                raise ConfigError(
+                    f"'{key.strip()}' is swept twice; give its values once, separated by commas"
+                )
+            axes.append((key.strip(), values))
+        else:
+            fixed.append(item)
+    return fixed, axes
+
+
+def grid_points(
+    axes: list[tuple[str, list[str]]], random_n: int | None, seed: int
+) -> list[list[tuple[str, str]]]:
+    """Every point of the grid, or `random_n` of them drawn by `seed` (in grid order)."""
+    grid = [
+        list(zip([k for k, _ in axes], values, strict=True))
+        for values in itertools.product(*[v for _, v in axes])
+    ]
+    if random_n is None or random_n >= len(grid):
+        return grid
+    chosen = sorted(random.Random(seed).sample(range(len(grid)), random_n))
+    return [grid[i] for i in chosen]
+
+
+def point_tag(base: str, point: list[tuple[str, str]]) -> str:
+    parts = [_slug(f"{key.rsplit('.', 1)[-1]}{value}") for key, value in point]
+    return "_".join([base, *parts] if base else parts)
+
+
+def plan(
+    config: str, items: list[str], random_n: int | None, seed: int
+) -> tuple[Any, list[tuple[str, list[str]]], list[runs.Job]]:
+    fixed, axes = parse_axes(items)
+    if not axes:
+        raise ConfigError(
+            "nothing to sweep: give at least one key with several values, e.g. optimizer.lr=1e-4,1e-3"
+        )
+    if random_n is not None and random_n < 1:
+        raise ConfigError(f"--random must be at least 1, got {random_n}")
+    base = runs.load(config, fixed)
+    jobs = []
+    for i, point in enumerate(grid_points(axes, random_n, seed)):
+        overrides = [*fixed, *(f"{k}={v}" for k, v in point), f"tag={point_tag(str(base.tag), point)}"]
+        job = runs.Job(
+            f"point {i}", overrides, runs.load(config, overrides), extra={"config": config, "point": point}
+        )
+        jobs.append(job)
+    return base, axes, jobs
+
+
+def sweep(
+    config: str,
+    items: list[str],
+    random_n: int | None = None,
+    seed: int = 0,
+    gpus: list[str] | None = None,
+    metric: str | None = None,
+    mode: str | None = None,
+    index: int | None = None,
+) -> int:
+    """Train every point (or only point `index`, for one SLURM array task) and write the summary."""
+    base, axes, jobs = plan(config, items, random_n, seed)
+    metric = metric or str(base.checkpoint.monitor)
+    if mode is None:
+        lower = ("loss", "error")
+        mode = (
+            str(base.checkpoint.mode)
+            if metric == base.checkpoint.monitor
+            else "min"
+            if any(w in metric for w in lower)
+            else "max"
+        )
+    if not metric.startswith(("val_", "test_")):
+        raise ConfigError(f"--metric must be a val_ or test_ metric, e.g. val_accuracy; got '{metric}'")
+    if mode not in ("min", "max"):
+        raise ConfigError(f"--mode must be min or max, got '{mode}'")
+    runs.check(jobs if index is None else jobs[index : index + 1])
+    if index is not None:  # one point, no summary: many of these run at once under SLURM
+        if not 0 <= index < len(jobs):
+            raise ConfigError(
+                f"--index {index} is outside the sweep's {len(jobs)} points (0..{len(jobs) - 1})"
+            )
+        runs.run_jobs([jobs[index]], [], {}, Path("."))
+        if jobs[index].returncode != 0:
+            raise RunError(f"{jobs[index].name} did not finish; run the same command again to resume it")
+        return 0
+    key = runs.digest({"base": runs.fingerprint(base), "axes": axes, "random": random_n, "seed": seed})
+    sweep_dir = runs.summary_dir(base, "sweep", key)
+    state = runs.read_state(sweep_dir, "sweep")
+    print(
+        f"sweep of {len(jobs)} point(s) over {', '.join(k for k, _ in axes)}: summary in {sweep_dir}",
+        flush=True,
+    )
+    parent = runs.open_parent_run(
+        base,
+        sweep_dir.name,
+        {"workflow": "sweep", "sweep_dir": str(sweep_dir.resolve())},
+        state.get("mlflow_run_id"),
+    )
+    state.update(config=str(config), settings=list(items), random=random_n, seed=seed)
+    if parent is not None:
+        state["mlflow_run_id"] = parent.run_id
+    runs.write_state(sweep_dir, "sweep", state)
+    env = {}
+    if parent is not None:
+        from src.engine.trackers import PARENT_RUN_ENV
+
+        env[PARENT_RUN_ENV] = parent.run_id
+    failed: list[runs.Job] = []
+    try:
+        runs.run_jobs(jobs, gpus or [], env, sweep_dir / "logs")
+    finally:
+        done = [
+            j for j in jobs if j.returncode == 0 and j.run_dir is not None and runs.is_finished(j.run_dir)
+        ]
+        failed = [j for j in jobs if j not in done]
+        state["runs"] = {j.name: str(j.run_dir) if j.run_dir else None for j in jobs}
+        runs.write_state(sweep_dir, "sweep", state)
+        best = write_summary(sweep_dir, axes, done, metric, mode) if done else None
+        if parent is not None:
+            if best is not None:
+                parent.log_metrics({f"best_{metric}": best}, step=0, epoch=0)
+            for name in ("sweep_summary.csv", "sweep_summary.md"):
+                if (sweep_dir / name).is_file():
+                    parent.log_artifact(sweep_dir / name)
+            parent.finish("FINISHED" if not failed else "FAILED")
+    if failed:
+        names = ", ".join(j.name for j in failed)
+        raise RunError(f"{names} did not finish; fix the cause and run the same command again to resume")
+    print((sweep_dir / "sweep_summary.md").read_text(), flush=True)
+    return 0
+
+
+def write_summary(
+    sweep_dir: Path, axes: list[tuple[str, list[str]]], jobs: list[runs.Job], metric: str, mode: str
+) -> float | None:
+    """sweep_summary.csv and .md, best point first by `metric`; returns the best value."""
+    rows = [(j, runs.run_metrics(j.run_dir)) for j in jobs]
+    missing = float("inf") if mode == "min" else float("-inf")
+    rows.sort(key=lambda r: r[1].get(metric, missing), reverse=mode == "max")
+    metrics = runs.metric_columns([m for _, m in rows])
+    keys = [k for k, _ in axes]
+    header = [*keys, "run", *metrics]
+    table = [
+        [*dict(j.extra["point"]).values(), str(j.run_dir), *[m.get(c, "") for c in metrics]] for j, m in rows
+    ]
+    runs.write_table(sweep_dir / "sweep_summary.csv", header, table)
+    short = [[*row[: len(keys)], Path(row[len(keys)]).name, *row[len(keys) + 1 :]] for row in table]
+    best = rows[0][1].get(metric) if rows else None
+    text = (
+        f"# Sweep: {len(rows)} point(s), sorted by {metric} ({mode})\n\n"
+        + runs.markdown(header, short)
+        + "\nValidation metrics are those of each run's best checkpoint (checkpoint.monitor), which test/ evaluates.\n"
+    )
+    runs.write_text(sweep_dir / "sweep_summary.md", text)
+    return best
