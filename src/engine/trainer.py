@@ -32,6 +32,7 @@ from src.engine.build import (
     build_transforms,
     check_output_size,
     num_classes_of,
+    require_num_classes,
 )
 from src.engine.checkpoint import (
     atomic_save,
@@ -113,6 +114,7 @@ class Trainer:
             else None
         )
         num_classes = num_classes_of(cfg, train.dataset)
+        require_num_classes(cfg, num_classes)
         model = build_model(cfg, num_classes)
         model.to(ctx.device)
         check_output_size(cfg, model, train.dataset, num_classes, ctx.device)
