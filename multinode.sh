@@ -44,6 +44,10 @@ is_host=false
 
 # Global ranks are handed out by the rendezvous, so the node holding rank 0 (the one that writes the
 # result directory) need not be node 0: keep `output` on a file system every node sees.
+# A config error is answered here, once, before any worker starts (no torch import: well under a second).
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$python" -m src.engine.precheck "$@" || exit $?
+
 exec "$python" -m torch.distributed.run \
     --nnodes="$nnodes" \
     --nproc-per-node="$procs" \

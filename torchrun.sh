@@ -39,6 +39,10 @@ if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
     export OMP_NUM_THREADS=$((threads > 0 ? threads : 1))
 fi
 
+# A config error is answered here, once, before any worker starts (no torch import: well under a second).
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$python" -m src.engine.precheck "$@" || exit $?
+
 exec "$python" -m torch.distributed.run \
     --nnodes=1 \
     --nproc-per-node="$procs" \

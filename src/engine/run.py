@@ -21,6 +21,7 @@ from src.engine.run_dir import (
     elastic_marker,
     new_run_dir,
     refuse_harmful_changes,
+    run_dir_of,
     save_config,
 )
 from src.engine.tester import run_test
@@ -103,7 +104,7 @@ def test_main(
         )
     out = None
     if cfg.run_dir:
-        run_dir = config_path.resolve().parent
+        run_dir = run_dir_of(config_path)
     else:  # an experiment config and any checkpoint: the results go beside the checkpoint
         run_dir = Path(str(checkpoint)).parent
         out = run_dir / f"test_{Path(str(checkpoint)).stem}"
@@ -131,7 +132,7 @@ def _plan(
     marker = elastic_marker(cfg)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     if cfg.run_dir:  # python train.py result/.../config.yaml: resume in place
-        run_dir = config_path.resolve().parent
+        run_dir = run_dir_of(config_path)
         saved = load_config(config_path)
         if any(o.split("=", 1)[0].strip() == "checkpoint.resume_from" for o in overrides):
             raise ConfigError(

@@ -51,8 +51,10 @@ from src.engine.parallel import prepare_model
 from src.engine.precision import configure_backends, peak_flops, resolve_precision, train_flops_per_sample
 from src.engine.run_dir import save_config
 from src.engine.signals import StopRequest
+from src.engine.throughput import RateWindow
 from src.errors import ConfigError, RunError
 from src.optim import build_optimizer, build_scheduler, set_optimizer_mode
+from src.tracking.console import plural
 
 log = logging.getLogger("template")
 
@@ -144,9 +146,9 @@ class Trainer:
         global_batch = int(cfg.batch) * ctx.world_size * accumulate
         log.info(
             "training %s on %s: %d process(es), %s precision, batch %d per process, %d global (x%d accumulation), "
-            "%d steps/epoch, %d epochs",
-            cfg.model.name, ctx.device, ctx.world_size, precision.name, cfg.batch, global_batch, accumulate,
-            steps_per_epoch, epochs,
+            "%s per epoch, %s",
+            cfg.model.name, ctx.device, ctx.world_size, precision.label, cfg.batch, global_batch, accumulate,
+            plural(steps_per_epoch, "step"), plural(epochs, "epoch"),
         )  # fmt: skip
         # MFU on a GPU whose peak is known: the FLOPs of a training step are counted once, here.
         self.peak_flops = peak_flops(ctx.device)
@@ -159,6 +161,7 @@ class Trainer:
         )
         profiler = self._start_profiler()
         st = self.state
+        rates = RateWindow(log_every)  # an epoch's short last window is timed together with the next
 
         for epoch in range(st.epoch, epochs):
             st.epoch = epoch
@@ -253,6 +256,7 @@ class Trainer:
                     metrics = self._window_metrics(
                         window_loss, window_samples, window_steps, window_start, data_wait, grad_norm
                     )
+                    metrics = rates.settle(metrics, window_steps, short_ok=True)
                     self._log(metrics, bar)
                     if evaluator_job is not None and evaluator_job.done():
                         evaluator_job.result()  # a bad evaluator setting stops the run now, not at validation
@@ -276,6 +280,7 @@ class Trainer:
                 metrics = self._window_metrics(
                     window_loss, window_samples, window_steps, window_start, data_wait, grad_norm
                 )
+                metrics = rates.settle(metrics, window_steps, short_ok=False)
             else:
                 metrics = {}
 

@@ -98,7 +98,8 @@ class ClassificationEvaluator(BaseEvaluator):
             metric.update(outputs, targets)
 
     def compute(self) -> dict[str, float]:
-        return {key: float(metric.compute()) for key, metric in self._metrics.items()}
+        # Rounded to float32's 7 significant digits: a perfect f1 reads 1.0, not 1.0000001 (float32 noise).
+        return {key: float(f"{float(metric.compute()):.7g}") for key, metric in self._metrics.items()}
 
     def reset(self) -> None:
         for metric in self._all():

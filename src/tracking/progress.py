@@ -31,7 +31,10 @@ class Progress:
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, dynamic_ncols=True, file=sys.stderr, leave=False)
+            # Some CI pseudo-terminals report a size of 0x0; tqdm's dynamic width then draws nothing.
+            sized = _terminal_columns() > 0
+            self._bar = tqdm(total=total, desc=desc, dynamic_ncols=sized, ncols=None if sized else 80,
+                             file=sys.stderr, leave=False)  # fmt: skip
 
     def update(self, n: int = 1, **postfix: float) -> None:
         if not self._enabled:
@@ -78,6 +81,16 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _terminal_columns() -> int:
+    """Columns of the terminal on stderr; 0 when it reports none."""
+    import os
+
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError):
+        return 0
 
 
 def _short(value: float) -> str:
