@@ -35,6 +35,7 @@ from src.engine.build import (
     require_num_classes,
 )
 from src.engine.checkpoint import (
+    NoRoomError,
     atomic_save,
     capture_rng,
     describe_mismatch,
@@ -537,7 +538,12 @@ class Trainer:
                 if last.exists():  # keep the one before; last.pth itself never disappears
                     publish(last, self.ckpt_dir / "previous.pth")
                 names.add("last.pth")
-            atomic_save(state, [self.ckpt_dir / n for n in sorted(names)])
+            try:
+                atomic_save(state, [self.ckpt_dir / n for n in sorted(names)])
+            except NoRoomError as err:
+                raise NoRoomError(
+                    f"{err}, then resume with: python train.py {self.run_dir / 'config.yaml'}"
+                ) from None
             self._prune()
             if self.trackers is not None:
                 self.trackers.commit()
