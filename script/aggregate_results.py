@@ -135,9 +135,9 @@ def sort_rows(rows: list[dict[str, Any]], metric: str, order: str) -> list[dict[
     return sorted(have, key=lambda r: r[metric], reverse=order == "desc") + missing
 
 
-# The terminal table: these first (when present), then other test_/val_ metrics, then settings.
-COMPACT_FIRST = ["run", "status", "model.name", "optimizer.name", "optimizer.lr", "batch", "tag", "epochs_done",
-                 "test_accuracy", "test_loss", "val_accuracy", "val_loss"]  # fmt: skip
+# The terminal table: how each run ended, then the settings that tell the runs apart, then metrics.
+COMPACT_FIRST = ["run", "status", "epochs_done"]
+COMPACT_METRICS = ["test_accuracy", "test_loss", "val_accuracy", "val_loss"]
 WIDTH = 120
 
 
@@ -152,14 +152,16 @@ def cell(value: Any) -> str:
 def compact_columns(columns: list[str], rows: list[dict[str, Any]], sort: str | None) -> list[str]:
     """The most telling columns, in order of interest, as many as fit WIDTH characters."""
     present = [c for c in columns if any(row.get(c) not in (None, "") for row in rows)]
-    ranked = [c for c in COMPACT_FIRST if c in present]
-    if sort and sort not in ranked:
-        ranked.insert(2, sort)
-    ranked += [c for c in present if c.startswith(("test_", "val_")) and c not in ranked]
-    ranked += [c for c in present if c not in ranked]
+    settings_end = columns.index("epochs_done") if "epochs_done" in columns else len(columns)
+    settings = columns[2:settings_end]
+    differ = [c for c in settings if c in present and len({cell(row.get(c)) for row in rows}) > 1]
+    ranked = [c for c in COMPACT_FIRST if c in present] + ([sort] if sort else [])
+    ranked += differ + [c for c in COMPACT_METRICS if c in present]
+    ranked += [c for c in present if c.startswith(("test_", "val_"))] + present
+    ranked = list(dict.fromkeys(ranked))
     chosen, used = [], 0
     for column in ranked:
-        width = max(len(column), *(len(cell(row.get(column))) for row in rows)) + 2
+        width = max(len(column), *(len(shown(column, row)) for row in rows)) + 2
         if used + width > WIDTH and chosen:
             continue
         chosen.append(column)
@@ -167,12 +169,18 @@ def compact_columns(columns: list[str], rows: list[dict[str, Any]], sort: str | 
     return [c for c in ranked if c in chosen]
 
 
+def shown(column: str, row: dict[str, Any]) -> str:
+    """A terminal cell: the run by its folder name (the files keep the path under the root)."""
+    value = cell(row.get(column))
+    return value.rsplit("/", 1)[-1] if column == "run" else value
+
+
 def text_table(columns: list[str], rows: list[dict[str, Any]]) -> str:
     """Columns aligned with spaces, for a terminal."""
-    widths = [max(len(c), *(len(cell(row.get(c))) for row in rows)) for c in columns]
+    widths = [max(len(c), *(len(shown(c, row)) for row in rows)) for c in columns]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
     lines += [
-        "  ".join(cell(row.get(c)).ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()
+        "  ".join(shown(c, row).ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()
         for row in rows
     ]
     return "\n".join(lines) + "\n"
