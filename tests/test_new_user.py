@@ -318,8 +318,8 @@ def test_the_readme_fsdp_example_shards_blocks_and_says_which(tmp_path):
     )
     assert proc.returncode == 0, explain(proc)
     line = re.search(r"FSDP2: .*", proc.stderr).group(0)
-    assert line.startswith("FSDP2: 2 block(s) sharded (full_shard), mesh (2,): features.3 (Conv2d, 18,496), "
-                           "features.6 (Conv2d, 73,856)"), line  # fmt: skip
+    assert line.startswith("FSDP2: 2 block(s) sharded (full_shard), mesh (2,): features.4 (Conv2d, 18,432), "
+                           "features.8 (Conv2d, 73,728)"), line  # fmt: skip
     assert "distributed.fsdp_min_params=10000" in line
 
 

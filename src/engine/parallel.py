@@ -130,6 +130,9 @@ def shard_fsdp2(model: nn.Module, cfg: Any, ctx: DistContext) -> None:
             )
     else:
         blocks = _large_leafmost_blocks(model, int(dcfg.fsdp_min_params))
+    why = _sharding_reason(
+        model, blocks, names, int(dcfg.fsdp_min_params)
+    )  # before fully_shard renames classes
     if dtype is not None:
         # BatchNorm keeps fp32 weights to match its fp32 running statistics (batch_norm refuses a
         # bf16 weight beside fp32 buffers); it still takes and returns the low-precision activations.
@@ -142,7 +145,6 @@ def shard_fsdp2(model: nn.Module, cfg: Any, ctx: DistContext) -> None:
     fully_shard(model, **kwargs)
     offload = ", CPU offload" if "offload_policy" in kwargs else ""
     extras = (f", {dtype} parameters" if dtype else "") + offload
-    why = _sharding_reason(model, blocks, names, int(dcfg.fsdp_min_params))
     log.info(
         "FSDP2: %d block(s) sharded (%s%s), mesh %s: %s",
         len(blocks),
