@@ -109,6 +109,15 @@ def test_a_config_error_under_the_launchers_is_one_line_and_exit_2(tmp_path):
     assert "did you mean 'dummy.yaml'" in lines[0]
 
 
+@pytest.mark.slow
+def test_a_component_error_in_the_workers_ends_torchrun_with_exit_2_and_no_traceback(tmp_path):
+    """Found only once the registries load (in the workers): their lines, exit 2, no torchrun report."""
+    proc = run_shell("./torchrun.sh 2 train.py config/dummy.yaml optimizer.lrr=1", env=shell_env(tmp_path))
+    assert proc.returncode == 2, explain(proc)
+    assert "error: optimizer 'AdamW' has no argument 'lrr' (did you mean 'lr'?)" in proc.stderr
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
+
+
 # ---------------------------------------------------------------------- 3. the confusion matrix picture
 def test_confusion_matrix_picture_is_readable():
     import torch
