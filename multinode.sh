@@ -44,7 +44,13 @@ is_host=false
 
 # Global ranks are handed out by the rendezvous, so the node holding rank 0 (the one that writes the
 # result directory) need not be node 0: keep `output` on a file system every node sees.
-exec "$python" -m torch.distributed.run \
+# A config error is answered here, once, before any worker starts (no torch import: well under a second).
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+"$python" -m src.engine.precheck "$@" || exit $?
+
+# torchrun itself; a worker's configuration error (exit 2) ends the job with exit 2 and no traceback.
+exec "$python" -m src.engine.launch \
     --nnodes="$nnodes" \
     --nproc-per-node="$procs" \
     --rdzv-backend=c10d \

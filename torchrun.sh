@@ -39,7 +39,13 @@ if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
     export OMP_NUM_THREADS=$((threads > 0 ? threads : 1))
 fi
 
-exec "$python" -m torch.distributed.run \
+# A config error is answered here, once, before any worker starts (no torch import: well under a second).
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+"$python" -m src.engine.precheck "$@" || exit $?
+
+# torchrun itself; a worker's configuration error (exit 2) ends the job with exit 2 and no traceback.
+exec "$python" -m src.engine.launch \
     --nnodes=1 \
     --nproc-per-node="$procs" \
     --rdzv-backend=c10d \

@@ -1,12 +1,14 @@
 """Table every run under a result root: its settings and final metrics, as CSV and Markdown.
 
     python script/aggregate_results.py [--root result] [--sort test_accuracy] [--order auto|asc|desc]
-                                       [--csv PATH] [--md PATH]
+                                       [--columns run,status,test_accuracy] [--csv PATH] [--md PATH]
 
 One row per run directory (a folder with config.yaml and train.log). Columns: the run, how it ended,
 the main settings (model, dataset, optimizer, lr, batch, epoch, tag, seed) plus every other setting
 that differs between the runs, the last validation metrics in metrics.jsonl, and test/metrics.json.
-The Markdown table is printed; both tables are written (by default to <root>/results.csv and .md).
+Both tables, with every column, are written (by default to <root>/results.csv and .md); the
+terminal gets a compact table of the most telling columns that fits 120 characters (`--columns`
+picks them, comma-separated).
 `--sort` puts the best run first: lowest first for losses and errors, highest first otherwise.
 """
 
@@ -92,8 +94,10 @@ def final_metrics(run: Path) -> dict[str, float]:
             for key, value in event.items():
                 if key.startswith("val_"):
                     out[key] = value
-            if "epoch" in event:
-                out["epochs_done"] = event["epoch"]
+            # An epoch is done when its end-of-epoch line is logged; the test line carries the epoch of
+            # the checkpoint it tested (the best one), not the epochs trained.
+            if "train_epoch_loss" in event and "epoch" in event:
+                out["epochs_done"] = max(int(event["epoch"]), int(out.get("epochs_done", 0)))
     test = run / "test" / "metrics.json"
     if test.is_file():
         out.update(json.loads(test.read_text()))
@@ -131,6 +135,57 @@ def sort_rows(rows: list[dict[str, Any]], metric: str, order: str) -> list[dict[
     return sorted(have, key=lambda r: r[metric], reverse=order == "desc") + missing
 
 
+# The terminal table: how each run ended, then the settings that tell the runs apart, then metrics.
+COMPACT_FIRST = ["run", "status", "epochs_done"]
+COMPACT_METRICS = ["test_accuracy", "test_loss", "val_accuracy", "val_loss"]
+WIDTH = 120
+
+
+def cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def compact_columns(columns: list[str], rows: list[dict[str, Any]], sort: str | None) -> list[str]:
+    """The most telling columns, in order of interest, as many as fit WIDTH characters."""
+    present = [c for c in columns if any(row.get(c) not in (None, "") for row in rows)]
+    settings_end = columns.index("epochs_done") if "epochs_done" in columns else len(columns)
+    settings = columns[2:settings_end]
+    differ = [c for c in settings if c in present and len({cell(row.get(c)) for row in rows}) > 1]
+    ranked = [c for c in COMPACT_FIRST if c in present] + ([sort] if sort else [])
+    ranked += differ + [c for c in COMPACT_METRICS if c in present]
+    ranked += [c for c in present if c.startswith(("test_", "val_"))] + present
+    ranked = list(dict.fromkeys(ranked))
+    chosen, used = [], 0
+    for column in ranked:
+        width = max(len(column), *(len(shown(column, row)) for row in rows)) + 2
+        if used + width > WIDTH and chosen:
+            continue
+        chosen.append(column)
+        used += width
+    return [c for c in ranked if c in chosen]
+
+
+def shown(column: str, row: dict[str, Any]) -> str:
+    """A terminal cell: the run by its folder name (the files keep the path under the root)."""
+    value = cell(row.get(column))
+    return value.rsplit("/", 1)[-1] if column == "run" else value
+
+
+def text_table(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    """Columns aligned with spaces, for a terminal."""
+    widths = [max(len(c), *(len(shown(c, row)) for row in rows)) for c in columns]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    lines += [
+        "  ".join(shown(c, row).ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(columns: list[str], rows: list[dict[str, Any]]) -> str:
     def cell(value: Any) -> str:
         if value is None:
@@ -152,6 +207,9 @@ def main() -> int:
     parser.add_argument("--sort", help="metric column to sort by, best first (e.g. test_accuracy, val_loss)")
     parser.add_argument("--order", choices=["auto", "asc", "desc"], default="auto",
                         help="auto: ascending for loss/error/time metrics, descending otherwise")  # fmt: skip
+    parser.add_argument(
+        "--columns", help="comma-separated columns to print (default: a compact set that fits 120 characters)"
+    )
     parser.add_argument("--csv", type=Path, help="CSV file to write (default: <root>/results.csv)")
     parser.add_argument("--md", type=Path, help="Markdown file to write (default: <root>/results.md)")
     args = parser.parse_args()
@@ -179,16 +237,29 @@ def main() -> int:
             )
             return 2
         rows = sort_rows(rows, args.sort, args.order)
+    shown = compact_columns(columns, rows, args.sort)
+    if args.columns:
+        shown = [c.strip() for c in args.columns.split(",") if c.strip()]
+        unknown = [c for c in shown if c not in columns]
+        if unknown:
+            print(
+                f"error: --columns {unknown[0]}: no such column{did_you_mean(unknown[0], columns)}; "
+                "every column is in the --csv and --md files",
+                file=sys.stderr,
+            )
+            return 2
     csv_path = args.csv or args.root / "results.csv"
     md_path = args.md or args.root / "results.md"
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    text = markdown(columns, rows)
-    md_path.write_text(text)
-    print(text, end="")
-    print(f"\n{len(rows)} run(s); wrote {csv_path} and {md_path}", file=sys.stderr)
+    md_path.write_text(markdown(columns, rows))
+    print(text_table(shown, rows), end="")
+    print(
+        f"\n{len(rows)} run(s), {len(shown)} of {len(columns)} columns shown; all of them in {csv_path} and {md_path}",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "registry", nargs="?", help="show only this registry (model, dataset, optimizer, ...)"
@@ -19,6 +19,17 @@ def main() -> None:
 
     for module in args.imports:
         importlib.import_module(module)
+    if args.registry:
+        from src.errors import did_you_mean
+
+        valid = [getattr(src, attr).name for attr in src.REGISTRIES]
+        if args.registry.lower() not in valid + [a.lower() for a in src.REGISTRIES]:
+            print(
+                f"error: no registry '{args.registry}'{did_you_mean(args.registry, valid)}; "
+                f"choose one of: {', '.join(valid)}",
+                file=sys.stderr,
+            )
+            return 2
     for attr in src.REGISTRIES:
         registry = getattr(src, attr)
         if args.registry and args.registry.lower() not in (registry.name, attr.lower()):
@@ -29,7 +40,8 @@ def main() -> None:
         per_line = max(1, 100 // max(width, 1))
         for i in range(0, len(names), per_line):
             print("  " + "".join(n.ljust(width) for n in names[i : i + per_line]).rstrip())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -865,7 +865,7 @@ def test_checkpointing_data_loading_and_nan_loss_blocks(tmp_path):
     }  # fmt: skip
     assert run.checkpoint()["progress"]["global_step"] == 20  # every batch reached the model
 
-    assert run.config["gpu"]["precision"] == "32" and "32 precision" in run.log
+    assert run.config["gpu"]["precision"] == "32" and "fp32 precision" in run.log
     assert run.checkpoint()["optimizer"]["param_groups"][0]["lr"] == 1e-4
     assert all(e["grad_norm"] > 0 for e in run.events if "train_loss" in e)
 

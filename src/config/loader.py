@@ -117,7 +117,12 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
 def read_yaml(path: Path) -> dict[str, Any]:
     """A YAML file as a dict; a missing file or a syntax error is one line with the file and line."""
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        near = ""
+        if path.parent.is_dir():
+            from src.errors import did_you_mean
+
+            near = did_you_mean(path.name, [p.name for p in path.parent.glob("*.y*ml")])
+        raise ConfigError(f"config file not found: {path}{near}")
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except (OSError, UnicodeDecodeError) as err:

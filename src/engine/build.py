@@ -155,6 +155,25 @@ def num_classes_of(cfg: DictConfig, dataset: Any) -> int | None:
     return found
 
 
+def require_num_classes(cfg: DictConfig, num_classes: int | None) -> None:
+    """Refuse to guess the class count: a model built with its default of 10 would fail later, mid-run."""
+    if num_classes is not None:
+        return
+    model_args = component_args(cfg.model, "model")
+    model_needs = "num_classes" not in model_args and accepts(
+        MODEL_REGISTRY.get(model_args["name"]), "num_classes"
+    )
+    evaluator_args = component_args(cfg.evaluator, "evaluator")
+    evaluator_needs = (
+        evaluator_args.get("name") == "classification_evaluator" and "num_classes" not in evaluator_args
+    )
+    if model_needs or evaluator_needs:
+        raise ConfigError(
+            f"dataset '{cfg.dataset.name}' does not say how many classes it has: set model.num_classes=<n> "
+            "(the model and the evaluator both use it), or give the dataset a `num_classes` or `classes` attribute"
+        )
+
+
 def check_output_size(
     cfg: DictConfig, model: nn.Module, dataset: Any, num_classes: int | None, device: torch.device
 ) -> None:

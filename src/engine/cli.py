@@ -11,16 +11,51 @@ from collections.abc import Callable
 
 def parse(argv: list[str], prog: str, description: str, with_checkpoint: bool = False) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("config", help="experiment YAML, or result/<...>/config.yaml of an existing run")
+    if with_checkpoint:
+        config_help = (
+            "result/<...>/config.yaml of a run (writes <run>/test/), or an experiment YAML together with "
+            "--checkpoint"
+        )
+    else:
+        config_help = "experiment YAML, or result/<...>/config.yaml of an existing run"
+    parser.add_argument("config", help=config_help)
     parser.add_argument(
-        "overrides", nargs="*", help="key=value settings applied last, e.g. batch=64 optimizer.lr=1e-3"
+        "overrides",
+        nargs="*",
+        default=[],  # optional: without a default argparse lists them as required when config is missing
+        help="optional key=value settings applied last, e.g. batch=64 optimizer.lr=1e-3",
     )
     if with_checkpoint:
-        parser.add_argument("--checkpoint", help="checkpoint file to evaluate (default: the run's best.pth)")
+        parser.add_argument(
+            "--checkpoint",
+            help="checkpoint file to evaluate (default: the run's best.pth); with an experiment YAML the "
+            "results go to test_<name>/ beside the checkpoint",
+        )
     parser.add_argument(
         "--traceback", action="store_true", help="show Python tracebacks of errors (or TEMPLATE_TRACEBACK=1)"
     )
     return parser.parse_intermixed_args(argv)  # options may sit between the overrides
+
+
+def check_test_input(config: str, cfg: object, checkpoint: str | None) -> None:
+    """test.py's own mistakes, answered before torch is imported (a config's are answered by the loader)."""
+    from pathlib import Path
+
+    from src.errors import ConfigError
+
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        folder = Path(checkpoint).parent
+        near = ""
+        if folder.is_dir():
+            from src.errors import did_you_mean
+
+            near = did_you_mean(Path(checkpoint).name, [p.name for p in folder.glob("*.pth")])
+        raise ConfigError(f"--checkpoint {checkpoint}: no such file{near}")
+    if not getattr(cfg, "run_dir", None) and checkpoint is None:
+        raise ConfigError(
+            f"{config} is an experiment config, not a run's: pass result/<...>/config.yaml, or add "
+            "--checkpoint <file.pth> to evaluate that checkpoint with this config"
+        )
 
 
 def run_cli(main: Callable[[], int], show_traceback: bool) -> int:

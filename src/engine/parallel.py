@@ -130,6 +130,9 @@ def shard_fsdp2(model: nn.Module, cfg: Any, ctx: DistContext) -> None:
             )
     else:
         blocks = _large_leafmost_blocks(model, int(dcfg.fsdp_min_params))
+    why = _sharding_reason(
+        model, blocks, names, int(dcfg.fsdp_min_params)
+    )  # before fully_shard renames classes
     if dtype is not None:
         # BatchNorm keeps fp32 weights to match its fp32 running statistics (batch_norm refuses a
         # bf16 weight beside fp32 buffers); it still takes and returns the low-precision activations.
@@ -142,7 +145,37 @@ def shard_fsdp2(model: nn.Module, cfg: Any, ctx: DistContext) -> None:
     fully_shard(model, **kwargs)
     offload = ", CPU offload" if "offload_policy" in kwargs else ""
     extras = (f", {dtype} parameters" if dtype else "") + offload
-    log.info("FSDP2: %d block(s) sharded (%s%s), mesh %s", len(blocks), strategy, extras, tuple(mesh.shape))
+    log.info(
+        "FSDP2: %d block(s) sharded (%s%s), mesh %s: %s",
+        len(blocks),
+        strategy,
+        extras,
+        tuple(mesh.shape),
+        why,
+    )
+
+
+def _sharding_reason(model: nn.Module, blocks: list[nn.Module], names: set[str], min_params: int) -> str:
+    """Which blocks were sharded on their own and why, or why none was (so 0 does not read as 'off')."""
+    total = sum(p.numel() for p in model.parameters())
+    if not blocks:
+        return (
+            f"no block holds distributed.fsdp_min_params={min_params} parameters (the whole model has {total:,}), "
+            "so the model is sharded as one unit; lower fsdp_min_params or name block classes in "
+            "distributed.fsdp_modules to shard block by block"
+        )
+    where = {id(m): name for name, m in model.named_modules()}
+    shown = [
+        f"{where.get(id(b), '?')} ({type(b).__name__}, {sum(p.numel() for p in b.parameters()):,})"
+        for b in blocks[:5]
+    ]
+    more = f" and {len(blocks) - 5} more" if len(blocks) > 5 else ""
+    rule = (
+        f"of class {sorted(names)}"
+        if names
+        else f"the smallest with at least distributed.fsdp_min_params={min_params} parameters"
+    )
+    return f"{', '.join(shown)}{more}, {rule}; the rest of the {total:,} parameters with the root"
 
 
 def _large_leafmost_blocks(model: nn.Module, min_params: int) -> list[nn.Module]:

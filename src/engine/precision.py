@@ -39,6 +39,11 @@ class Precision:
     device_type: str
 
     @property
+    def label(self) -> str:
+        """How logs name it: fp32, fp16 or bf16 (the bare "32" reads as a count)."""
+        return {"32": "fp32", "16": "fp16"}.get(self.name, self.name)
+
+    @property
     def dtype(self) -> torch.dtype | None:
         return {"16": torch.float16, "bf16": torch.bfloat16}.get(self.name)
 

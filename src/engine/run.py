@@ -21,6 +21,7 @@ from src.engine.run_dir import (
     elastic_marker,
     new_run_dir,
     refuse_harmful_changes,
+    run_dir_of,
     save_config,
 )
 from src.engine.tester import run_test
@@ -96,18 +97,26 @@ def test_main(
     cfg = cfg if cfg is not None else load_config(config_path, overrides)
     import_user_modules(list(cfg.imports))
     preflight(cfg)
-    if not cfg.run_dir:
+    if not cfg.run_dir and not checkpoint:
         raise ConfigError(
-            f"{config_path} is not a result directory's config.yaml; pass result/<...>/config.yaml"
+            f"{config_path} is not a result directory's config.yaml; pass result/<...>/config.yaml, "
+            "or add --checkpoint <file.pth>"
         )
-    run_dir = config_path.resolve().parent
+    out = None
+    if cfg.run_dir:
+        run_dir = run_dir_of(config_path)
+    else:  # an experiment config and any checkpoint: the results go beside the checkpoint
+        run_dir = Path(str(checkpoint)).parent
+        out = run_dir / f"test_{Path(str(checkpoint)).stem}"
     ctx = dist_utils.setup(cfg)
-    setup_logging(run_dir / "train.log" if ctx.is_main else None, ctx.rank, debug=bool(cfg.debug))
+    log_file = run_dir / "train.log" if ctx.is_main and out is None else None
+    setup_logging(log_file, ctx.rank, debug=bool(cfg.debug))
     trackers = None
     try:
-        if ctx.is_main and cfg.logging.mlflow:
+        if ctx.is_main and cfg.logging.mlflow and out is None:
             trackers = _reopen_mlflow(cfg, run_dir)
-        run_test(cfg, ctx, run_dir, checkpoint=Path(checkpoint) if checkpoint else None, trackers=trackers)
+        ckpt = Path(checkpoint) if checkpoint else None
+        run_test(cfg, ctx, run_dir, checkpoint=ckpt, trackers=trackers, out=out)
         return 0
     finally:
         if trackers is not None:
@@ -123,7 +132,7 @@ def _plan(
     marker = elastic_marker(cfg)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     if cfg.run_dir:  # python train.py result/.../config.yaml: resume in place
-        run_dir = config_path.resolve().parent
+        run_dir = run_dir_of(config_path)
         saved = load_config(config_path)
         if any(o.split("=", 1)[0].strip() == "checkpoint.resume_from" for o in overrides):
             raise ConfigError(

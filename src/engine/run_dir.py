@@ -22,6 +22,21 @@ HARMLESS_ON_RESUME = (
 )  # fmt: skip
 
 
+def run_dir_of(config_path: Path) -> Path:
+    """The folder of a run's config.yaml, spelled as the user gave it (relative stays relative).
+
+    A run started with output=result prints result/...; its resume prints the same, not an absolute path.
+    """
+    folder = config_path.resolve().parent
+    if config_path.is_absolute():
+        return folder
+    try:
+        relative = folder.relative_to(Path.cwd().resolve())
+    except ValueError:
+        return folder
+    return relative if relative.parts else folder
+
+
 def new_run_dir(cfg: DictConfig) -> Path:
     """result/<dataset>/<YYYYMMDD_HHMMSS>_<model>[_<tag>][_fold<k>]/, made unique if two runs start in one second."""
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")

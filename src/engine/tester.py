@@ -18,6 +18,7 @@ from src.engine.build import (
     build_split,
     build_transforms,
     num_classes_of,
+    require_num_classes,
 )
 from src.engine.checkpoint import describe_mismatch, load_checkpoint
 from src.engine.distributed import DistContext
@@ -47,13 +48,20 @@ def test_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def run_test(
-    cfg: DictConfig, ctx: DistContext, run_dir: Path, checkpoint: Path | None, trackers: Any
+    cfg: DictConfig,
+    ctx: DistContext,
+    run_dir: Path,
+    checkpoint: Path | None,
+    trackers: Any,
+    out: Path | None = None,
 ) -> dict[str, float]:
+    """Test `checkpoint` (default: the run's best) and write the results to `out` (default: <run>/test)."""
     path = checkpoint or pick_checkpoint(run_dir)
     state = load_checkpoint(path)
     precision = resolve_precision(cfg.gpu, ctx.device)
     split = build_split(cfg, "test", ctx, shuffle=False, transforms=build_transforms(cfg))
     num_classes = num_classes_of(cfg, split.dataset)
+    require_num_classes(cfg, num_classes)
     model = build_model(cfg, num_classes)
     weights = test_weights(state)
     mismatch = describe_mismatch(model, weights)
@@ -72,15 +80,23 @@ def run_test(
     report = evaluator.report(classes or None) if hasattr(evaluator, "report") else None
     gathered = dist_utils.all_gather_object(collected) if collected is not None else None
     if ctx.is_main:
-        out = run_dir / "test"
+        run_name = run_dir.name if out is None else str(path)
+        out = out or run_dir / "test"
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         if report:
             (out / "classification_report.txt").write_text(report + "\n")
         figure = None
         if confusion is not None:
-            figure = confusion_figure(confusion, classes)
+            accuracy = metrics.get("test_accuracy")
+            title = f"{run_name}: test split" + (f", accuracy {accuracy:.4f}" if accuracy is not None else "")
+            figure = confusion_figure(confusion, classes, title)
             figure.savefig(out / "confusion_matrix.png", dpi=100, bbox_inches="tight")
+            shares = confusion_figure(confusion, classes, title + " (rows normalised)", normalize=True)
+            shares.savefig(out / "confusion_matrix_normalized.png", dpi=100, bbox_inches="tight")
+            import matplotlib.pyplot as plt
+
+            plt.close(shares)
         if gathered is not None:
             write_predictions(out / "predictions.csv", gathered)
         log.info("test (%s): %s", path.name, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -98,26 +114,51 @@ def run_test(
     return metrics
 
 
-def confusion_figure(matrix: torch.Tensor, classes: list[str]) -> Any:
+def confusion_figure(
+    matrix: torch.Tensor, classes: list[str], title: str = "", normalize: bool = False
+) -> Any:
+    """The confusion matrix as a picture: counts (or row shares) readable on light and dark cells alike.
+
+    Rows are the true classes; `normalize` divides each row by its total, so a rare class reads as
+    clearly as a common one. Cell text is white on dark cells and black on light ones; labels shrink,
+    and beyond 40 classes only every k-th is shown, so they never overlap.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    m = matrix.cpu().numpy()
+    m = matrix.cpu().double().numpy()
+    if normalize:
+        totals = m.sum(axis=1, keepdims=True)
+        m = m / totals.clip(min=1)
     n = m.shape[0]
-    size = min(4 + n * 0.4, 20)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(m, cmap="Blues")
+    size = min(5 + n * 0.4, 22)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    vmax = 1.0 if normalize else max(float(m.max()), 1.0)
+    image = ax.imshow(m, cmap="Blues", vmin=0.0, vmax=vmax)
+    fig.colorbar(
+        image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class" if normalize else "count"
+    )
     labels = classes if len(classes) == n else [str(i) for i in range(n)]
-    ax.set_xticks(range(n), labels, rotation=90)
-    ax.set_yticks(range(n), labels)
+    step = max(1, -(-n // 40))  # at most 40 labels per axis
+    fontsize = 10 if n <= 10 else 8 if n <= 30 else 6
+    ticks = list(range(0, n, step))
+    ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=fontsize)
+    ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=fontsize)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
+    if title:
+        ax.set_title(title)
     if n <= 30:
+        cmap = image.get_cmap()
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=8)
+                r, g, b, _ = cmap(m[i, j] / vmax)
+                dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # perceived brightness of the cell
+                text = f"{m[i, j]:.2f}" if normalize else str(int(m[i, j]))
+                ax.text(j, i, text, ha="center", va="center", fontsize=fontsize - 1,
+                        color="white" if dark else "black")  # fmt: skip
     fig.tight_layout()
     return fig
 

@@ -34,8 +34,10 @@ from src.engine.build import (
     build_transforms,
     check_output_size,
     num_classes_of,
+    require_num_classes,
 )
 from src.engine.checkpoint import (
+    NoRoomError,
     atomic_save,
     capture_rng,
     describe_mismatch,
@@ -54,10 +56,12 @@ from src.engine.parallel import prepare_model
 from src.engine.precision import configure_backends, peak_flops, resolve_precision, train_flops_per_sample
 from src.engine.run_dir import save_config
 from src.engine.signals import StopRequest
+from src.engine.throughput import RateWindow
 from src.errors import ConfigError, RunError
 from src.models.freezing import UnfreezeStage, plan_unfreezing
 from src.optim import build_optimizer, build_scheduler, is_schedule_free, set_optimizer_mode
 from src.optim.param_groups import add_group, mark_base_lrs
+from src.tracking.console import plural
 
 log = logging.getLogger("template")
 
@@ -122,6 +126,7 @@ class Trainer:
             else None
         )
         num_classes = num_classes_of(cfg, train.dataset)
+        require_num_classes(cfg, num_classes)
         model = build_model(cfg, num_classes)
         model.to(ctx.device)
         check_output_size(cfg, model, train.dataset, num_classes, ctx.device)
@@ -171,9 +176,9 @@ class Trainer:
         global_batch = int(cfg.batch) * ctx.world_size * accumulate
         log.info(
             "training %s on %s: %d process(es), %s precision, batch %d per process, %d global (x%d accumulation), "
-            "%d steps/epoch, %d epochs",
-            cfg.model.name, ctx.device, ctx.world_size, precision.name, cfg.batch, global_batch, accumulate,
-            steps_per_epoch, epochs,
+            "%s per epoch, %s",
+            cfg.model.name, ctx.device, ctx.world_size, precision.label, cfg.batch, global_batch, accumulate,
+            plural(steps_per_epoch, "step"), plural(epochs, "epoch"),
         )  # fmt: skip
         # MFU on a GPU whose peak is known: the FLOPs of a training step are counted once, here.
         self.peak_flops = peak_flops(ctx.device)
@@ -187,6 +192,7 @@ class Trainer:
         profiler = self._start_profiler()
         st = self.state
         self.step_lr = step_lr(optimizer)  # the lr of the last optimizer step, as logged
+        rates = RateWindow(log_every)  # an epoch's short last window is timed together with the next
 
         for epoch in range(st.epoch, epochs):
             st.epoch = epoch
@@ -306,6 +312,7 @@ class Trainer:
                     metrics = self._window_metrics(
                         window_loss, window_samples, window_steps, window_start, data_wait, grad_norm
                     )
+                    metrics = rates.settle(metrics, window_steps, short_ok=True)
                     self._log(metrics, bar)
                     if evaluator_job is not None and evaluator_job.done():
                         evaluator_job.result()  # a bad evaluator setting stops the run now, not at validation
@@ -330,6 +337,7 @@ class Trainer:
                 metrics = self._window_metrics(
                     window_loss, window_samples, window_steps, window_start, data_wait, grad_norm
                 )
+                metrics = rates.settle(metrics, window_steps, short_ok=False)
             else:
                 metrics = {}
 
@@ -611,7 +619,12 @@ class Trainer:
                 if last.exists():  # keep the one before; last.pth itself never disappears
                     publish(last, self.ckpt_dir / "previous.pth")
                 names.add("last.pth")
-            atomic_save(state, [self.ckpt_dir / n for n in sorted(names)])
+            try:
+                atomic_save(state, [self.ckpt_dir / n for n in sorted(names)])
+            except NoRoomError as err:
+                raise NoRoomError(
+                    f"{err}, then resume with: python train.py {self.run_dir / 'config.yaml'}"
+                ) from None
             self._prune()
             if self.trackers is not None:
                 self.trackers.commit()

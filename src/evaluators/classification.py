@@ -89,6 +89,7 @@ class ClassificationEvaluator(BaseEvaluator):
         tp = cm.diag()
         predicted, support = cm.sum(0), cm.sum(1)
         total = support.sum()
+        # Rounded to float32's 7 significant digits: a perfect f1 reads 1.0, not 1.0000001 (float noise).
         results: dict[str, float] = {}
         for name in self.metrics:
             if name == "accuracy":
@@ -98,7 +99,7 @@ class ClassificationEvaluator(BaseEvaluator):
                 results[f"top{self.top_k}_accuracy"] = float(_ratio(hits, total))
             else:
                 results[name] = float(self._averaged(name, tp, predicted, support))
-        return results
+        return {key: float(f"{value:.7g}") for key, value in results.items()}
 
     def reset(self) -> None:
         self._confmat.zero_()

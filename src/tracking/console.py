@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -18,6 +20,53 @@ class _BarSafeHandler(logging.StreamHandler):
 
         with tqdm.external_write_mode(file=self.stream):
             super().emit(record)
+
+
+# ANSI colours for a terminal, after the k-fold guide's console: cyan time, yellow epochs and values,
+# blue training, magenta validation, green test and successes.
+_RESET = "\033[0m"
+_CYAN, _YELLOW, _BLUE, _MAGENTA, _GREEN, _RED = (f"\033[{c}m" for c in (36, 33, 34, 35, 32, "1;31"))
+_LEVELS = {"DEBUG": "\033[2m", "INFO": _GREEN, "WARNING": _YELLOW, "ERROR": _RED, "CRITICAL": _RED}
+_PHASES = {"train": _BLUE, "val": _MAGENTA, "test": _GREEN}
+_PAIR = re.compile(r"\b((train|val|test)_\w+|loss|lr|samples/s|\w+)=([^,\s|]+)")
+_EPOCH = re.compile(r"\b((?:epoch|val) \d+(?:/\d+)?)(?= |:|$)")
+_SUCCESS = re.compile(r"^(checkpoint saved|test \(|run: )")
+
+
+class _ColourFormatter(logging.Formatter):
+    """The console line with its parts coloured; used only when the console is a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        parts = super().format(record).split(" | ", 2)
+        if len(parts) < 3:
+            return parts[0]
+        stamp, level, message = parts
+        message = _EPOCH.sub(lambda m: f"{_YELLOW}{m.group(1)}{_RESET}", message)
+
+        def pair(m: re.Match) -> str:
+            phase = m.group(2) or ("train" if m.group(1) in ("loss", "lr", "samples/s") else "")
+            key_colour = _PHASES.get(phase, "")
+            key = f"{key_colour}{m.group(1)}{_RESET}" if key_colour else m.group(1)
+            return f"{key}={_YELLOW}{m.group(3)}{_RESET}"
+
+        message = _PAIR.sub(pair, message)
+        if _SUCCESS.match(message):
+            message = f"{_GREEN}{message}{_RESET}"
+        colour = _LEVELS.get(record.levelname, "")
+        return f"{_CYAN}{stamp}{_RESET} | {colour}{level}{_RESET} | {message}"
+
+
+def use_colour(stream: object) -> bool:
+    """Colour only on a terminal, and never when NO_COLOR is set or TERM=dumb."""
+    isatty = getattr(stream, "isatty", None)
+    if not (isatty and isatty()):
+        return False
+    return not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 step', '2 steps': log lines read as sentences."""
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def setup_logging(log_file: Path | None, rank: int, debug: bool = False) -> logging.Logger:
@@ -41,7 +90,11 @@ def setup_logging(log_file: Path | None, rank: int, debug: bool = False) -> logg
         )
 
     console = _BarSafeHandler(sys.stderr)
-    console.setFormatter(formatter)
+    if use_colour(sys.stderr):  # train.log and piped output keep the plain format
+        colour = _ColourFormatter(formatter._fmt, _DATE_FORMAT)
+        console.setFormatter(colour)
+    else:
+        console.setFormatter(formatter)
     logger.addHandler(console)
     if rank == 0 and log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)

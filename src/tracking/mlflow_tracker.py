@@ -235,6 +235,9 @@ class MlflowTracker(Tracker):
         try:
             from mlflow.tracking import MlflowClient
 
+            if "MLFLOW_LOGGING_LEVEL" not in os.environ:  # its INFO lines ("Creating initial MLflow
+                logging.getLogger("mlflow").setLevel(logging.WARNING)  # database tables") are not ours
+
             _make_sqlite_folder(self.tracking_uri)
             client = MlflowClient(self.tracking_uri)
             run_id = self._reopen(client, self._wanted_run_id) if self._wanted_run_id else None

@@ -31,7 +31,11 @@ class Progress:
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, dynamic_ncols=True, file=sys.stderr, leave=False)
+            # Some CI pseudo-terminals report a size of 0x0; tqdm then draws nothing: assume 80x24.
+            cols, rows = _terminal_size()
+            sized = cols > 0 and rows > 0
+            self._bar = tqdm(total=total, desc=desc, dynamic_ncols=sized, ncols=None if sized else cols or 80,
+                             nrows=None if sized else rows or 24, file=sys.stderr, leave=False)  # fmt: skip
 
     def update(self, n: int = 1, **postfix: float) -> None:
         if not self._enabled:
@@ -78,6 +82,17 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _terminal_size() -> tuple[int, int]:
+    """(columns, rows) of the terminal on stderr; zeros when it reports none."""
+    import os
+
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return 0, 0
+    return size.columns, size.lines
 
 
 def _short(value: float) -> str:
