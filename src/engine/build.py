@@ -88,8 +88,14 @@ def build_split(cfg: DictConfig, split: str, ctx: DistContext, shuffle: bool, tr
     sampler = ResumableSampler(
         len(dataset), shuffle=shuffle, seed=int(cfg.seed), rank=ctx.rank, world_size=ctx.world_size
     )
+    if shuffle:  # training: random augmentation is a function of (seed, epoch, index), see src/data/seeded.py
+        from src.data.seeded import EpochIndexSampler, SeededItems
+
+        items, order = SeededItems(dataset, int(cfg.seed)), EpochIndexSampler(sampler)
+    else:
+        items, order = dataset, sampler
     loader = build_loader(
-        dataset, int(cfg.batch), sampler, cfg.dataloader, seed=int(cfg.seed), device_type=ctx.device.type
+        items, int(cfg.batch), order, cfg.dataloader, seed=int(cfg.seed), device_type=ctx.device.type
     )
     return Split(dataset, sampler, loader, getattr(loader, "generator", None))
 
