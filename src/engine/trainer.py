@@ -53,6 +53,7 @@ from src.engine.signals import StopRequest
 from src.errors import ConfigError, RunError
 from src.optim import build_optimizer, build_scheduler, set_optimizer_mode
 from src.optim.optimizers import is_schedule_free
+from src.optim.schedulers import replan
 
 log = logging.getLogger("template")
 
@@ -682,21 +683,10 @@ class Trainer:
         log.info("resumed at epoch %d, step %d", self.state.epoch + 1, self.state.global_step)
 
     def _replan_schedule(self, state: dict[str, Any]) -> dict[int, dict[str, Any]] | None:
-        """When `epoch` changed since the checkpoint, the lr values of a fresh run planned for the new
-        length at the saved position; None when the saved schedule simply continues."""
-        old, saved = int(state["progress"].get("planned_epochs") or 0), state.get("scheduler")
-        if self.schedule is None or saved is None or not old or old == self.epochs:
+        if self.schedule is None:
             return None
-        if self.schedule.needs_metric:
-            return None  # ReduceLROnPlateau does not depend on the run length
-        if not self.schedule.can_replan():
-            log.warning(
-                "lr_scheduler %s is not a built-in scheduler and cannot be re-planned for epoch=%d: it goes on "
-                "with the curve it had for %d epochs; give it its length in its own settings instead",
-                self.schedule.name, self.epochs, old,
-            )  # fmt: skip
-            return None
-        return self.schedule.fast_forward(int(saved.get("last_epoch", 0)))
+        old = int(state["progress"].get("planned_epochs") or 0)
+        return replan(self.schedule, state.get("scheduler"), old, self.epochs)
 
     def _load_model_weights(self, weights: dict[str, torch.Tensor], strict: bool) -> None:
         mismatch = describe_mismatch(self.raw, weights)

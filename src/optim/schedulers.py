@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Mapping
@@ -27,6 +28,8 @@ for _name in (
     "ConstantLR",
 ):
     LR_SCHEDULER_REGISTRY.add(_name, getattr(sched, _name))
+
+log = logging.getLogger("template")
 
 INTERVALS = ("auto", "epoch", "step")
 WARMUP_START_FACTOR = 1e-3
@@ -170,6 +173,26 @@ class LRSchedule:
 
     def __repr__(self) -> str:
         return f"LRSchedule({type(self._main).__name__}, interval={self.interval!r})"
+
+
+def replan(
+    schedule: LRSchedule, saved: Mapping[str, Any] | None, old_epochs: int, new_epochs: int
+) -> dict[int, dict[str, Any]] | None:
+    """On a resume whose `epoch` changed, the optimizer-group values a fresh run planned for
+    `new_epochs` has at the saved position (apply them with `apply_plan` once the optimizer's state is
+    loaded); None when the saved schedule simply continues. `schedule` must be freshly built and the
+    optimizer still hold its configured lr.
+    """
+    if saved is None or not old_epochs or old_epochs == new_epochs or schedule.needs_metric:
+        return None  # (ReduceLROnPlateau does not depend on the run length)
+    if not schedule.can_replan():
+        log.warning(
+            "lr_scheduler %s is not a built-in scheduler and cannot be re-planned for %d epochs: it goes on "
+            "with the curve it had for %d; give it its length in its own settings instead",
+            schedule.name, new_epochs, old_epochs,
+        )  # fmt: skip
+        return None
+    return schedule.fast_forward(int(saved.get("last_epoch", 0)))
 
 
 def build_scheduler(
