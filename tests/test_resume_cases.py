@@ -4,9 +4,10 @@ loader workers, throughput after a resume, and resume hints that name the launch
 
 from __future__ import annotations
 
-import json
 import os
 import signal
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -216,4 +217,12 @@ def test_an_allowed_monitor_change_ranks_afresh():
     assert state["progress"]["stale_best"] == 1.0
     _forget_other_metric(state, ["training.early_stopping.mode"])
     assert state["progress"]["stale_best"] is None
-    _ = json
+
+
+def test_gpu_check_says_it_skipped_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: script/gpu_check.sh would run its checks")
+    proc = subprocess.run(["bash", str(ROOT / "script" / "gpu_check.sh")], env={**os.environ, "PYTHON": sys.executable},
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, explain(proc)
+    assert proc.stdout.startswith("gpu_check: SKIPPED, no CUDA device"), proc.stdout
