@@ -173,6 +173,8 @@ def _plan(
             )
         _check_world_size(state, ctx, cfg)
         _forget_other_metric(state, [key for key, _, _ in changes])
+        if state is not None and "progress" in state:  # written before `planned_epochs` was saved
+            state["progress"].setdefault("planned_epochs", int(saved.epoch))
         return run_dir, state, False
     if restarted:  # torchrun restarted a failed worker group: rank 0's marker names the run to resume
         found = (
