@@ -226,3 +226,21 @@ def test_gpu_check_says_it_skipped_without_cuda():
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, explain(proc)
     assert proc.stdout.startswith("gpu_check: SKIPPED, no CUDA device"), proc.stdout
+
+
+def test_augmentation_depends_on_seed_epoch_and_index_only():
+    from torchvision.transforms import v2
+
+    from src.data.datasets import SyntheticClassification
+    from src.data.seeded import SeededItems
+
+    flip = v2.Compose([v2.RandomResizedCrop(8, antialias=True), v2.RandomHorizontalFlip()])
+    items = SeededItems(SyntheticClassification("train", flip, input_shape=(3, 8, 8), train_size=8), seed=3)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    forward = items.__getitems__([(1, i) for i in range(8)])
+    assert torch.equal(torch.get_rng_state(), before), "data loading moved the training loop's random stream"
+    backward = items.__getitems__([(1, i) for i in reversed(range(8))])[::-1]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(forward, backward, strict=True))
+    other_epoch = items.__getitems__([(2, i) for i in range(8)])
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(forward, other_epoch, strict=True))

@@ -62,21 +62,26 @@ class SeededItems(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: Any) -> Any:
-        if not isinstance(key, tuple):
-            return self.dataset[key]
-        epoch, index = key
-        value = sample_seed(self.seed, epoch, index)
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[Any]) -> list[Any]:
+        """A batch at once (DataLoader's batched fetch): the RNG states are saved and restored once."""
         if get_worker_info() is not None:  # a worker's streams serve nothing else
-            _seed_all(value)
-            return self.dataset[index]
+            return [self._make(key) for key in keys]
         saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
         try:
-            _seed_all(value)
-            return self.dataset[index]
+            return [self._make(key) for key in keys]
         finally:
             random.setstate(saved[0])
             np.random.set_state(saved[1])
             torch.set_rng_state(saved[2])
+
+    def _make(self, key: Any) -> Any:
+        if not isinstance(key, tuple):
+            return self.dataset[key]
+        epoch, index = key
+        _seed_all(sample_seed(self.seed, epoch, index))
+        return self.dataset[index]
 
 
 def _seed_all(value: int) -> None:
