@@ -14,8 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, TINY, explain, only_run_dir, read_metrics, result_dirs, run_script
-from tests.test_resume import PARTS, assert_same_training_state, last, start_script, wait_for_step
+from tests.helpers import (
+    ROOT,
+    TINY,
+    explain,
+    only_run_dir,
+    read_metrics,
+    result_dirs,
+    run_script,
+    start_script,
+    wait_for_step,
+)
+from tests.test_resume import PARTS, assert_same_training_state, last
 
 # A dataset that sends its own process SIGTERM while serving the CASE_SIGNAL_AT-th train item.
 SIGNAL_PARTS = """
