@@ -93,6 +93,7 @@ class GpuConfig:
     precision: str | None = None  # "32" | "16" | "bf16"; unset: bf16 (or 16) when mixed_precision
     tf32: bool = True
     cudnn_benchmark: bool = True
+    deterministic: bool = False  # deterministic kernels only: bit-identical GPU runs and resumes (slower)
 
 
 @dataclass

@@ -92,8 +92,14 @@ def build_split(cfg: DictConfig, split: str, ctx: DistContext, shuffle: bool, tr
     loader_cfg = dict(to_container(cfg.dataloader) or {})
     if split != "train":  # drop_last is for training only: evaluation sees every sample once
         loader_cfg["drop_last"] = False
+    if shuffle:  # training: random augmentation is a function of (seed, epoch, index), see src/data/seeded.py
+        from src.data.seeded import EpochIndexSampler, SeededItems
+
+        items, order = SeededItems(dataset, int(cfg.seed)), EpochIndexSampler(sampler)
+    else:
+        items, order = dataset, sampler
     loader = build_loader(
-        dataset, int(cfg.batch), sampler, loader_cfg, seed=int(cfg.seed), device_type=ctx.device.type
+        items, int(cfg.batch), order, loader_cfg, seed=int(cfg.seed), device_type=ctx.device.type
     )
     return Split(dataset, sampler, loader, getattr(loader, "generator", None))
 

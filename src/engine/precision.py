@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,11 +85,38 @@ def _cpu_has_native_bf16() -> bool:
 
 
 def configure_backends(gpu_cfg: Any) -> None:
-    """TF32 matmuls and cudnn autotuning: free speed on Ampere+ GPUs, no effect elsewhere."""
+    """TF32 matmuls and cudnn autotuning: free speed on Ampere+ GPUs, no effect elsewhere.
+
+    `gpu.deterministic` turns autotuning off and allows deterministic kernels only (CPU ops are
+    deterministic already, so on a CPU it changes nothing).
+    """
+    deterministic = bool(gpu_cfg.get("deterministic", False))
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+        torch.use_deterministic_algorithms(True)
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = bool(gpu_cfg.tf32)
         torch.backends.cudnn.allow_tf32 = bool(gpu_cfg.tf32)
-        torch.backends.cudnn.benchmark = bool(gpu_cfg.cudnn_benchmark)
+        torch.backends.cudnn.benchmark = bool(gpu_cfg.cudnn_benchmark) and not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+
+
+# cuBLAS needs a fixed workspace for reproducible matmuls; it reads this before CUDA starts.
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def prepare_determinism(gpu_cfg: Any) -> None:
+    """Before anything touches CUDA: the environment cuBLAS reads when it starts."""
+    if bool(gpu_cfg.get("deterministic", False)):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+
+
+def nondeterministic_op(err: BaseException) -> str | None:
+    """The op named by torch's error for a kernel without a deterministic implementation, else None."""
+    text = str(err)
+    if "does not have a deterministic implementation" not in text:
+        return None
+    return text.split(" does not have", 1)[0].strip() or "an operation"
 
 
 def peak_flops(device: torch.device) -> float | None:

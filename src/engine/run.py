@@ -16,11 +16,13 @@ from src.config import load_config
 from src.engine import distributed as dist_utils
 from src.engine.build import import_user_modules, preflight
 from src.engine.checkpoint import load_checkpoint
+from src.engine.precision import nondeterministic_op, prepare_determinism
 from src.engine.run_dir import (
     config_changes,
     elastic_marker,
     new_run_dir,
     refuse_harmful_changes,
+    resume_command,
     run_dir_of,
     save_config,
 )
@@ -39,6 +41,7 @@ def train_main(config_path: str | Path, overrides: list[str], cfg: DictConfig | 
     cfg = cfg if cfg is not None else load_config(config_path, overrides)
     import_user_modules(list(cfg.imports))
     preflight(cfg)
+    prepare_determinism(cfg.gpu)  # before dist setup, which may start CUDA
     ctx = dist_utils.setup(cfg)
     setup_logging(None, ctx.rank, debug=bool(cfg.debug))
     run_dir, resume, fresh = _plan(cfg, config_path, overrides, ctx)
@@ -76,6 +79,17 @@ def train_main(config_path: str | Path, overrides: list[str], cfg: DictConfig | 
             _discard(run_dir, trainer)
             status = "DISCARDED"
         raise
+    except RuntimeError as err:
+        op = nondeterministic_op(err)
+        if op is None or not cfg.gpu.get("deterministic", False):
+            log.exception("run failed")
+            raise
+        problem = RunError(
+            f"{op} has no deterministic implementation, and gpu.deterministic=true allows only deterministic "
+            "kernels; replace the op in your code, or set gpu.deterministic=false"
+        )
+        log.error("run failed: %s", problem)
+        raise problem from None
     except Exception:
         log.exception("run failed")
         raise
@@ -84,8 +98,8 @@ def train_main(config_path: str | Path, overrides: list[str], cfg: DictConfig | 
         if trainer.trackers is not None:
             trainer.trackers.finish(status)
         if status == "FAILED":
-            log.error("the run FAILED; checkpoints kept in %s; after a fix, resume with: python train.py %s",
-                      run_dir / "checkpoints", run_dir / "config.yaml")  # fmt: skip
+            log.error("the run FAILED; checkpoints kept in %s; after a fix, resume with: %s",
+                      run_dir / "checkpoints", resume_command(run_dir))  # fmt: skip
         dist_utils.cleanup()
 
 
@@ -102,12 +116,8 @@ def test_main(
             f"{config_path} is not a result directory's config.yaml; pass result/<...>/config.yaml, "
             "or add --checkpoint <file.pth>"
         )
-    out = None
-    if cfg.run_dir:
-        run_dir = run_dir_of(config_path)
-    else:  # an experiment config and any checkpoint: the results go beside the checkpoint
-        run_dir = Path(str(checkpoint)).parent
-        out = run_dir / f"test_{Path(str(checkpoint)).stem}"
+    resume_command,
+    run_dir_of,
     ctx = dist_utils.setup(cfg)
     log_file = run_dir / "train.log" if ctx.is_main and out is None else None
     setup_logging(log_file, ctx.rank, debug=bool(cfg.debug))
@@ -166,6 +176,9 @@ def _plan(
                 "no valid checkpoint in %s: training starts from the beginning", run_dir / "checkpoints"
             )
         _check_world_size(state, ctx, cfg)
+        _forget_other_metric(state, [key for key, _, _ in changes])
+        if state is not None and "progress" in state:  # written before `planned_epochs` was saved
+            state["progress"].setdefault("planned_epochs", int(saved.epoch))
         return run_dir, state, False
     if restarted:  # torchrun restarted a failed worker group: rank 0's marker names the run to resume
         found = (
@@ -217,6 +230,20 @@ def _warm_state(cfg: DictConfig) -> dict[str, Any]:
         "stale_best": None,
     }
     return state
+
+
+def _forget_other_metric(state: dict | None, changed: list[str]) -> None:
+    """A changed monitor (allowed explicitly) starts its ranking afresh: a best value of another metric,
+    or of the other direction, must never be compared with the new one."""
+    progress = (state or {}).get("progress")
+    if progress is None:
+        return
+    if {"checkpoint.monitor", "checkpoint.mode"} & set(changed):
+        progress.update(best_value=None, best_epoch=0, top_k=[])
+        log.warning("resume: checkpoint.monitor/mode changed: best.pth and the top-k files are chosen afresh "
+                    "from the next validation on")  # fmt: skip
+    if {"training.early_stopping.monitor", "training.early_stopping.mode"} & set(changed):
+        progress.update(stale_best=None, stale_epochs=0)
 
 
 def _check_world_size(state: dict | None, ctx: Any, cfg: DictConfig) -> None:
@@ -278,7 +305,7 @@ def _write_summary(
         f"best:       {best}",
         f"wall time:  {_clock(seconds)} (this session)",
         "test:       " + ", ".join(f"{k}={v:.4f}" for k, v in test.items()),
-        f"resume:     python train.py {run_dir}/config.yaml epoch=<more>",
+        f"resume:     {resume_command(run_dir)} epoch=<more than {st.epoch}>",
         f"test again: python test.py {run_dir}/config.yaml",
     ]
     (run_dir / "summary.txt").write_text("\n".join(lines) + "\n")

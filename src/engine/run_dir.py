@@ -12,11 +12,12 @@ from omegaconf import DictConfig, OmegaConf
 from src.errors import ConfigError
 
 # Settings that may change when a run is resumed: they do not alter what the run computes.
-# (dataloader.drop_last is not among them: it changes the batches of every epoch.)
+# (dataloader.drop_last is not among them: it changes the batches of every epoch; nor are
+# checkpoint.monitor and checkpoint.mode: the stored best would be compared with another metric.)
 HARMLESS_ON_RESUME = (
     "epoch", "debug", "logging.", "evaluation.", "profiling.", "checkpoint.save_", "dataloader.num_workers",
     "dataloader.pin_memory", "dataloader.persistent_workers", "dataloader.prefetch_factor",
-    "checkpoint.allow_config_change", "checkpoint.monitor", "checkpoint.mode", "training.early_stopping.",
+    "checkpoint.allow_config_change", "training.early_stopping.",
     "training.stop_signals", "training.nan_policy", "distributed.timeout_minutes", "distributed.backend",
     "gpu.use", "gpu.device", "run_dir",
 )  # fmt: skip
@@ -71,7 +72,7 @@ def save_config(cfg: DictConfig, run_dir: Path) -> Path:
     cfg = OmegaConf.merge(cfg, {"run_dir": str(run_dir)})
     header = (
         "# Complete configuration of this run; every default is written out.\n"
-        f"# Resume or extend it:  python train.py {run_dir}/config.yaml [epoch=N]\n"
+        f"# Resume or extend it:  {resume_command(run_dir)} [epoch=N]\n"
         f"# Evaluate it:          python test.py {run_dir}/config.yaml\n"
     )
     path = run_dir / "config.yaml"
@@ -79,6 +80,20 @@ def save_config(cfg: DictConfig, run_dir: Path) -> Path:
     tmp.write_text(header + OmegaConf.to_yaml(cfg, resolve=True))
     os.replace(tmp, path)
     return path
+
+
+def resume_command(run_dir: Path | str) -> str:
+    """The command that continues this run under the launcher it runs under (read from torchrun's
+    environment): `python train.py ...`, `./torchrun.sh N train.py ...` or `./multinode.sh ...`."""
+    config = f"{run_dir}/config.yaml"
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return f"python train.py {config}"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)) or world)
+    if per_node >= world:
+        return f"./torchrun.sh {world} train.py {config}"
+    nodes = -(-world // per_node)
+    return f"./multinode.sh {nodes} {per_node} <job-id> <node-rank> <host:port> train.py {config}"
 
 
 def config_changes(saved: DictConfig, current: DictConfig) -> list[tuple[str, Any, Any]]:

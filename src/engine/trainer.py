@@ -54,13 +54,14 @@ from src.engine.evaluate import batch_size, evaluate, split_batch, to_device, to
 from src.engine.loss_parts import add_parts, part_metrics, summed_parts
 from src.engine.parallel import prepare_model
 from src.engine.precision import configure_backends, peak_flops, resolve_precision, train_flops_per_sample
-from src.engine.run_dir import save_config
+from src.engine.run_dir import resume_command, save_config
 from src.engine.signals import StopRequest
 from src.engine.throughput import RateWindow
 from src.errors import ConfigError, RunError
 from src.models.freezing import UnfreezeStage, plan_unfreezing
 from src.optim import build_optimizer, build_scheduler, is_schedule_free, set_optimizer_mode
 from src.optim.param_groups import add_group, mark_base_lrs
+from src.optim.schedulers import replan
 from src.tracking.console import plural
 
 log = logging.getLogger("template")
@@ -84,6 +85,8 @@ class TrainState:
     stale_epochs: int = 0  # early stopping: validations without improvement
     stale_best: float | None = None
     finished: bool = False
+    planned_epochs: int = 0  # the `epoch` the schedule was planned for (a change re-plans it on resume)
+    early_stopped: bool = False  # early stopping ended the run: a re-run trains on only if `epoch` grows
 
 
 class Trainer:
@@ -151,6 +154,7 @@ class Trainer:
         scaler = precision.grad_scaler()
         ema = self._build_ema(raw)
         self.optimizer, self.schedule, self.scaler, self.ema = optimizer, schedule, scaler, ema
+        self.epochs = epochs
         params = [p for p in raw.parameters() if p.requires_grad]
         # Schedule-free with BatchNorm: statistics are recomputed for the evaluated weights each epoch.
         bn_loader = None
@@ -170,6 +174,17 @@ class Trainer:
         if self.resume_state is not None:
             self._load_state(self.resume_state)
         restored = self.resume_state is not None and not self.resume_state.get("weights_only")
+        st, end = self.state, epochs
+        if restored and (st.epoch >= epochs or (st.early_stopped and epochs <= st.planned_epochs)):
+            how = "early stopping ended it at" if st.early_stopped and st.epoch < epochs else "it has trained"
+            log.info(
+                "nothing left to train: %s epoch %d of epoch=%d; to train it longer: %s epoch=<more than %d>",
+                how, st.epoch, epochs, resume_command(self.run_dir), max(epochs, st.epoch),
+            )  # fmt: skip
+            end = st.epoch
+        elif st.early_stopped:  # `epoch` grew: train on
+            st.early_stopped = False
+        st.planned_epochs = epochs
         seed_per_rank(int(cfg.seed), ctx.rank, resumed=restored)
         self.trackers = self._start_trackers()
         self.stop.install(cfg.training.stop_signals)
@@ -190,16 +205,18 @@ class Trainer:
             else None
         )
         profiler = self._start_profiler()
-        st = self.state
         self.step_lr = step_lr(optimizer)  # the lr of the last optimizer step, as logged
         rates = RateWindow(log_every)  # an epoch's short last window is timed together with the next
 
-        for epoch in range(st.epoch, epochs):
+        for epoch in range(st.epoch, end):
             st.epoch = epoch
             if stages:
                 params = self._unfreeze(stages, epoch)
             train.sampler.set_epoch(epoch)
-            train.sampler.set_start(st.batches_done * int(cfg.batch) * ctx.world_size)
+            # min(): a state saved after an epoch's short last batch (older versions) is still resumable.
+            train.sampler.set_start(
+                min(st.batches_done * int(cfg.batch) * ctx.world_size, train.sampler.total)
+            )
             if train.generator is not None:
                 train.generator.manual_seed(int(cfg.seed) + epoch)
             model.train()
@@ -224,6 +241,7 @@ class Trainer:
             step_loss = torch.zeros_like(window_loss)
             step_samples = 0
             step_parts: dict[str, torch.Tensor] = {}
+            self.carried_samples = window_samples  # trained by the process that saved: not timed here
             window_steps, window_start = 0, time.perf_counter()
             data_wait = 0.0
             grad_norm: torch.Tensor | None = None
@@ -324,7 +342,7 @@ class Trainer:
                     stop = False  # ranks agree at log steps only, so no collective on other steps
                 else:
                     stop = self.stop.requested
-                if stop:
+                if stop and i < n_batches:
                     self._save(
                         [], f"{self.stop.signal_name or 'stop request'}", (window_loss, window_samples)
                     )
@@ -346,13 +364,13 @@ class Trainer:
             if bn_loader is not None:
                 if evaluator_job is not None and bn_loader.num_workers:
                     evaluator_job.result()  # never fork loader workers while another thread imports
-                set_optimizer_mode(optimizer, False)
+                kept = self._eval_weights()
                 recompute_batchnorm(raw, bn_loader, 1 if debug else RECOMPUTE_BATCHES, ctx.device, precision,
                                     channels_last, ctx.world_size)  # fmt: skip
-                set_optimizer_mode(optimizer, True)
+                self._train_weights(kept)
             freq = int(cfg.evaluation.frequency)
             if val is not None and freq and ((epoch + 1) % freq == 0 or epoch + 1 == epochs):
-                set_optimizer_mode(optimizer, False)
+                kept = self._eval_weights()
                 eval_model = ema.module if ema is not None else model
                 assert evaluator_job is not None
                 evaluator = evaluator_job.result()
@@ -363,7 +381,7 @@ class Trainer:
                              "val", channels_last, max_batches=1 if debug else None, bar=val_bar)
                 )  # fmt: skip
                 val_bar.close()
-                set_optimizer_mode(optimizer, True)
+                self._train_weights(kept)
             if schedule is not None and schedule.interval == "epoch":
                 schedule.step(metrics.get(str(cfg.checkpoint.monitor)) if schedule.needs_metric else None)
             self._log(metrics, None)
@@ -371,6 +389,7 @@ class Trainer:
             st.epoch_loss_sum, st.epoch_samples = 0.0, 0
             names = self._checkpoint_names(epoch, metrics)
             stop_early = self._early_stopping(metrics)
+            st.early_stopped = stop_early
             self._save(extra_names=names, reason=f"epoch {epoch + 1}")
             if stop_early:
                 log.info(
@@ -424,6 +443,8 @@ class Trainer:
         self.state.epoch_loss_sum += loss_total
         self.state.epoch_samples += int(sample_total)
         elapsed = max(time.perf_counter() - start, 1e-9)
+        carried, self.carried_samples = getattr(self, "carried_samples", 0), 0
+        timed = sample_total - carried  # throughput counts only what this process trained in `elapsed`
         loss = loss_total / max(sample_total, 1)
         if not math.isfinite(loss):
             raise self._non_finite(loss)
@@ -431,7 +452,7 @@ class Trainer:
             "train_loss": loss,
             **part_metrics(self.window_parts, sample_total, "train"),
             "lr": self.step_lr,
-            "samples_per_sec": sample_total / elapsed,
+            "samples_per_sec": timed / elapsed,
             "step_time": elapsed / max(steps, 1),
             "data_wait_share": min(1.0, data_wait / elapsed),
         }
@@ -441,7 +462,7 @@ class Trainer:
         if self.ctx.device.type == "cuda":
             metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
         if self.flops_per_sample and self.peak_flops:  # this rank's samples on this rank's GPU
-            metrics["mfu"] = self.flops_per_sample * samples / elapsed / self.peak_flops
+            metrics["mfu"] = self.flops_per_sample * max(samples - carried, 0) / elapsed / self.peak_flops
         return metrics
 
     def _non_finite(self, loss: float) -> RunError:
@@ -590,7 +611,7 @@ class Trainer:
             st.window_parts = summed_parts(self.window_parts)
             if not math.isfinite(st.window_loss_sum):  # weights a NaN touched never replace last.pth
                 raise self._non_finite(st.window_loss_sum)
-        set_optimizer_mode(self.optimizer, False)  # schedule-free: save the evaluation weights
+        kept = self._eval_weights()  # schedule-free: save the evaluation weights
         rng = dist_utils.all_gather_object(capture_rng())
         state: dict[str, Any] = {
             "format": 1,
@@ -607,6 +628,8 @@ class Trainer:
             state["dcp"] = self._save_sharded()
         else:
             state["optimizer"] = self.optimizer.state_dict()
+            if kept is not None:  # and the training weights, bit for bit, for an exact resume
+                state["schedule_free_train"] = [t.detach().cpu() for t in kept]
         if self.ema is not None:  # "model" holds the weights the run reports; the trained ones resume
             state["raw_model"] = state["model"]
             state["model"] = {k: v.detach().cpu() for k, v in self.ema.module.state_dict().items()}
@@ -630,7 +653,26 @@ class Trainer:
                 self.trackers.commit()
             log.info("checkpoint saved (%s): %s", reason, ", ".join(sorted(names)))
         dist_utils.barrier()
+        self._train_weights(kept)
+
+    def _eval_weights(self) -> list[torch.Tensor] | None:
+        """Schedule-free optimizers: switch to the evaluation weights, returning the training ones.
+
+        Switching back recomputes the training weights in floating point, which is not exact; so
+        `_train_weights` copies the kept ones back and evaluating or saving never changes training.
+        """
+        if not is_schedule_free(self.optimizer):
+            return None
+        kept = [p.detach().clone() for g in self.optimizer.param_groups for p in g["params"]]
+        set_optimizer_mode(self.optimizer, False)
+        return kept
+
+    def _train_weights(self, kept: list[torch.Tensor] | None) -> None:
         set_optimizer_mode(self.optimizer, True)
+        if kept is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            with torch.no_grad():
+                torch._foreach_copy_(params, [k.to(p.device) for p, k in zip(params, kept, strict=True)])
 
     def _model_state_dict(self) -> dict[str, torch.Tensor]:
         if self.ctx.strategy == "fsdp":
@@ -694,6 +736,7 @@ class Trainer:
             self._load_model_weights(state["model"], strict=False)
             log.info("warm start from weights only: optimizer, schedule and progress start fresh")
             return
+        plan = self._replan_schedule(state)  # before the optimizer's saved lr replaces the configured one
         if ctx.strategy == "fsdp" and state.get("dcp"):
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -716,7 +759,11 @@ class Trainer:
                     "this checkpoint was written by an FSDP run; resume it with distributed.strategy=fsdp"
                 )
             self.optimizer.load_state_dict(state["optimizer"])
-        if self.schedule is not None and state.get("scheduler") is not None:
+        if plan is not None and self.schedule is not None:
+            before, after = self.schedule.apply_plan(plan)
+            log.info("schedule re-planned: %d -> %d epochs, lr %.6g -> %.6g (%s)",
+                     state["progress"]["planned_epochs"], self.epochs, before, after, self.schedule.name)  # fmt: skip
+        elif self.schedule is not None and state.get("scheduler") is not None:
             self.schedule.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
@@ -726,8 +773,14 @@ class Trainer:
         if ctx.rank < len(rng):
             restore_rng(rng[ctx.rank])
         self.tracking_state = state.get("tracking")
-        set_optimizer_mode(self.optimizer, True)
+        self._train_weights(state.get("schedule_free_train"))
         log.info("resumed at epoch %d, step %d", self.state.epoch + 1, self.state.global_step)
+
+    def _replan_schedule(self, state: dict[str, Any]) -> dict[int, dict[str, Any]] | None:
+        if self.schedule is None:
+            return None
+        old = int(state["progress"].get("planned_epochs") or 0)
+        return replan(self.schedule, state.get("scheduler"), old, self.epochs)
 
     def _load_model_weights(self, weights: dict[str, torch.Tensor], strict: bool) -> None:
         mismatch = describe_mismatch(self.raw, weights)
@@ -759,8 +812,8 @@ class Trainer:
 
     def _preempted(self) -> TrainState:
         self.state.finished = False
-        log.warning("stopped by %s after step %d; resume with: python train.py %s",
-                    self.stop.signal_name, self.state.global_step, self.run_dir / "config.yaml")  # fmt: skip
+        log.warning("stopped by %s after step %d; resume with: %s",
+                    self.stop.signal_name, self.state.global_step, resume_command(self.run_dir))  # fmt: skip
         return self.state
 
     # ------------------------------------------------------------------ tracking

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +28,8 @@ for _name in (
     "ConstantLR",
 ):
     LR_SCHEDULER_REGISTRY.add(_name, getattr(sched, _name))
+
+log = logging.getLogger("template")
 
 INTERVALS = ("auto", "epoch", "step")
 WARMUP_START_FACTOR = 1e-3
@@ -92,6 +96,11 @@ class CosineAnnealingWarmupReduceRestarts(sched.LRScheduler):
     _get_closed_form_lr = get_lr
 
 
+# What a scheduler writes into optimizer groups; a re-planned schedule copies these, nothing else
+# (schedule-free optimizers keep state of their own in the groups).
+SCHEDULE_KEYS = ("lr", "initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum", "momentum", "betas")
+
+
 class LRSchedule:
     """A scheduler plus when to step it; the trainer needs nothing else to drive any scheduler.
 
@@ -122,6 +131,36 @@ class LRSchedule:
     def state_dict(self) -> dict[str, Any]:
         return self.scheduler.state_dict()
 
+    @property
+    def name(self) -> str:
+        return type(self._main).__name__
+
+    def can_replan(self) -> bool:
+        """Built-in schedulers can be planned afresh for a new run length; a user's may keep hidden state."""
+        return not self.needs_metric and type(self._main) in BUILT_IN
+
+    def fast_forward(self, intervals: int) -> dict[int, dict[str, Any]]:
+        """Step this freshly built schedule `intervals` times, as a fresh run would have, before any
+        training; returns the optimizer-group values it set (lr, and momentum for OneCycleLR).
+
+        Call it before the optimizer's saved state is loaded: the recursive torch formulas then start
+        from the configured lr, so the values are exactly those of a fresh run planned for this length.
+        """
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
+            for _ in range(intervals):
+                self.scheduler.step()
+        groups = self.scheduler.optimizer.param_groups
+        return {i: {k: g[k] for k in SCHEDULE_KEYS if k in g} for i, g in enumerate(groups)}
+
+    def apply_plan(self, plan: dict[int, dict[str, Any]]) -> tuple[float, float]:
+        """Put the fast-forwarded values into the (now loaded) optimizer; (lr before, lr after)."""
+        groups = self.scheduler.optimizer.param_groups
+        before = float(groups[0]["lr"])
+        for i, values in plan.items():
+            groups[i].update(values)
+        return before, float(groups[0]["lr"])
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the position; a length derived from the run keeps this run's value (train longer)."""
         keep = {a: getattr(self._main, a) for a in self._run_length_attrs}
@@ -134,6 +173,26 @@ class LRSchedule:
 
     def __repr__(self) -> str:
         return f"LRSchedule({type(self._main).__name__}, interval={self.interval!r})"
+
+
+def replan(
+    schedule: LRSchedule, saved: Mapping[str, Any] | None, old_epochs: int, new_epochs: int
+) -> dict[int, dict[str, Any]] | None:
+    """On a resume whose `epoch` changed, the optimizer-group values a fresh run planned for
+    `new_epochs` has at the saved position (apply them with `apply_plan` once the optimizer's state is
+    loaded); None when the saved schedule simply continues. `schedule` must be freshly built and the
+    optimizer still hold its configured lr.
+    """
+    if saved is None or not old_epochs or old_epochs == new_epochs or schedule.needs_metric:
+        return None  # (ReduceLROnPlateau does not depend on the run length)
+    if not schedule.can_replan():
+        log.warning(
+            "lr_scheduler %s is not a built-in scheduler and cannot be re-planned for %d epochs: it goes on "
+            "with the curve it had for %d; give it its length in its own settings instead",
+            schedule.name, new_epochs, old_epochs,
+        )  # fmt: skip
+        return None
+    return schedule.fast_forward(int(saved.get("last_epoch", 0)))
 
 
 def build_scheduler(
@@ -199,6 +258,15 @@ def build_scheduler(
         ramp = sched.LinearLR(optimizer, WARMUP_START_FACTOR, 1.0, total_iters=warmup)
         scheduler = sched.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
     return LRSchedule(scheduler, interval, main=main, run_length_attrs=run_length_attrs)
+
+
+# Schedulers whose lr is a pure function of their step count: re-planned on a length change.
+BUILT_IN = {
+    *(getattr(sched, n) for n in ("StepLR", "MultiStepLR", "ExponentialLR", "CosineAnnealingLR",
+                                  "CosineAnnealingWarmRestarts", "LinearLR", "OneCycleLR", "PolynomialLR",
+                                  "ConstantLR")),
+    CosineAnnealingWarmupReduceRestarts,
+}  # fmt: skip
 
 
 def _is(obj: Any, base: type) -> bool:
