@@ -170,7 +170,10 @@ def stamp_batches() -> None:
 
     def __next__(self: Any) -> Any:
         batch = inner(self)
-        if getattr(self._dataset, "stamps_clock", False):
+        dataset = getattr(
+            self._dataset, "dataset", self._dataset
+        )  # the training split is wrapped (SeededItems)
+        if getattr(dataset, "stamps_clock", False):
             CLOCK.tick()
         return batch
 

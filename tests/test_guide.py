@@ -714,7 +714,7 @@ def test_fsdp_block(tmp_path):
 def test_amp_and_validation_configuration_blocks(tmp_path):
     """fp16 with a GradScaler; validation every 5 epochs with four metrics and saved predictions."""
     run = train_block(tmp_path, AMP, VALIDATION, overrides=small(epoch=10, train=16))
-    assert run.config["gpu"]["precision"] == "16" and re.search(r"\b16 precision", run.log)
+    assert run.config["gpu"]["precision"] == "16" and re.search(r"\bfp16 precision", run.log)
     assert run.checkpoint()["scaler"]["scale"] > 0  # fp16 trains with a (live) GradScaler
 
     assert run.val_epochs() == [5, 10]

@@ -116,8 +116,13 @@ def test_main(
             f"{config_path} is not a result directory's config.yaml; pass result/<...>/config.yaml, "
             "or add --checkpoint <file.pth>"
         )
-    resume_command,
-    run_dir_of,
+    out = None
+    if cfg.run_dir:
+        run_dir = run_dir_of(config_path)
+    else:  # an experiment config and any checkpoint: the results go beside the checkpoint
+        run_dir = Path(str(checkpoint)).parent
+        out = run_dir / f"test_{Path(str(checkpoint)).stem}"
+    prepare_determinism(cfg.gpu)
     ctx = dist_utils.setup(cfg)
     log_file = run_dir / "train.log" if ctx.is_main and out is None else None
     setup_logging(log_file, ctx.rank, debug=bool(cfg.debug))
