@@ -209,3 +209,13 @@ def test_sigkill_mid_epoch_resumes_bit_exact_with_the_same_epsilon(tmp_path):
     for key in ("model", "optimizer", "privacy", "rng"):
         assert not state_differences(got[key], want[key]), (key, state_differences(got[key], want[key])[:5])
     assert epsilons(killed)[-2:] == logged[-2:]
+
+
+def test_target_epsilon_picks_the_noise_that_spends_it_by_the_last_epoch():
+    privacy = Privacy(
+        private_cfg("epoch=3", "batch=8", "training.privacy.target_epsilon=2.0"), num_samples=48
+    )
+    assert privacy.noise_multiplier > 1.1
+    privacy._account(3 * 6)  # every draw of three epochs
+    assert privacy.epsilon() == pytest.approx(2.0, abs=0.02)
+    assert privacy.epsilon() <= 2.0
