@@ -187,8 +187,8 @@ def test_sigkill_mid_epoch_resumes_bit_exact_with_the_same_epsilon(tmp_path):
 
     out = tmp_path / "killed"
     out.mkdir()
-    run = start_script("train.py", str(config), f"output={out}", log_file=out / "console.log",
-                       env={**env, "PRIVACY_TEST_SLEEP": "0.1"})  # fmt: skip
+    run = start_script("train.py", str(config), f"output={out}", "logging.mlflow=true", "logging.tensorboard=true",
+                       log_file=out / "console.log", env={**env, "PRIVACY_TEST_SLEEP": "0.1"})  # fmt: skip
     try:
         wait_for_step(run, out, 8)
         run.send_signal(signal.SIGKILL)
@@ -209,6 +209,20 @@ def test_sigkill_mid_epoch_resumes_bit_exact_with_the_same_epsilon(tmp_path):
     for key in ("model", "optimizer", "privacy", "rng"):
         assert not state_differences(got[key], want[key]), (key, state_differences(got[key], want[key])[:5])
     assert epsilons(killed)[-2:] == logged[-2:]
+
+    # The same epsilon per epoch, each once, in MLflow and TensorBoard across the kill.
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    (mlflow_run,) = client.search_runs(
+        [client.get_experiment_by_name("SyntheticClassification").experiment_id]
+    )
+    history = sorted(client.get_metric_history(mlflow_run.info.run_id, "epsilon"), key=lambda m: m.step)
+    assert [m.value for m in history] == logged
+    events = EventAccumulator(str(killed / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("epsilon")] == pytest.approx(logged, rel=1e-6)
 
 
 def test_target_epsilon_picks_the_noise_that_spends_it_by_the_last_epoch():
