@@ -113,10 +113,11 @@ def build_model(cfg: DictConfig, num_classes: int | None) -> nn.Module:
     model = MODEL_REGISTRY.build(args)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model '{args['name']}' did not build an nn.Module (got {type(model).__name__})")
-    if cfg.training.get("privacy") is not None and cfg.training.privacy.get("enabled"):
+    privacy = (cfg.get("training") or {}).get("privacy")
+    if privacy is not None and privacy.get("enabled"):
         from src.engine.privacy import private_model
 
-        model = private_model(model, bool(cfg.training.privacy.get("fix_model", False)))
+        model = private_model(model, bool(privacy.get("fix_model", False)))
     if cfg.model.get("freeze"):
         from src.models.freezing import freeze
 

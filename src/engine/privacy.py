@@ -29,7 +29,7 @@ INSTALL = 'training.privacy needs Opacus, which is not installed: pip install -e
 
 
 def privacy_enabled(cfg: DictConfig) -> bool:
-    section = cfg.training.get("privacy")
+    section = (cfg.get("training") or {}).get("privacy")
     return bool(section is not None and section.get("enabled", False))
 
 
