@@ -46,17 +46,6 @@ def check_privacy(cfg: DictConfig, model: nn.Module | None = None) -> None:
     if not privacy_enabled(cfg):
         return
     _opacus()
-    p = cfg.training.privacy
-    for key in ("noise_multiplier", "max_grad_norm", "target_delta"):
-        value = p.get(key)
-        if not isinstance(value, (int, float)) or value < 0 or (key != "noise_multiplier" and value == 0):
-            raise ConfigError(f"training.privacy.{key} must be a positive number, got {value!r}")
-    if p.get("target_epsilon") is not None and not (
-        isinstance(p.target_epsilon, (int, float)) and p.target_epsilon > 0
-    ):
-        raise ConfigError(
-            f"training.privacy.target_epsilon must be a positive number or null, got {p.target_epsilon!r}"
-        )
     from src.config.schema import PRECISIONS
     from src.engine.distributed import launched_by_torchrun
 
@@ -86,7 +75,7 @@ def check_privacy(cfg: DictConfig, model: nn.Module | None = None) -> None:
     for bad, what in refusals:
         if bad:
             raise ConfigError(f"training.privacy does not support {what}")
-    if model is not None:
+    if model is not None:  # the numbers' ranges are checked with the rest of the config (schema RANGES)
         validate_model(model)  # build_model already applied fix_model
 
 
