@@ -117,7 +117,7 @@ class PoissonDraws:
 class PoissonSampler:
     """Stands where the trainer keeps its sampler: set_epoch, set_start (in samples) and a length.
 
-    The DataLoader iterates `batches()`, a batch sampler over the same draws. The length is in
+    The DataLoader iterates `batch_sampler()`, a view of the same draws. The length is in
     samples (non-empty batches x batch) so the trainer counts the right number of batches.
     """
 
