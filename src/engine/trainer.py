@@ -128,7 +128,7 @@ class Trainer:
         if privacy is not None:  # privacy hook: Poisson batches
             train = privacy.poisson_split(train)
         model = build_model(cfg, num_classes)
-        if privacy is not None:  # privacy hook: a layer Opacus cannot train (BatchNorm without fix_model) refused
+        if privacy is not None:  # privacy hook: refuse layers Opacus cannot train (BatchNorm)
             privacy.check_model(model)
         model.to(ctx.device)
         check_output_size(cfg, model, train.dataset, num_classes, ctx.device)
