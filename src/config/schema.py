@@ -54,6 +54,16 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    enabled: bool = False  # DP-SGD with Opacus (pip install -e ".[privacy]"); docs/finetuning.md
+    noise_multiplier: float = 1.1  # noise std / max_grad_norm; ignored when target_epsilon is set
+    max_grad_norm: float = 1.0  # every sample's gradient is clipped to this norm
+    target_epsilon: float | None = None  # set: the noise multiplier that spends this epsilon over `epoch`
+    target_delta: float = 1e-5  # the delta of the reported (epsilon, delta)
+    fix_model: bool = False  # true: Opacus replaces BatchNorm by GroupNorm; false: BatchNorm is refused
+
+
+@dataclass
 class TrainingConfig:
     accumulate_grad_batches: int = 1
     gradient_clip_norm: float = 0.0  # 0 turns clipping off
@@ -62,6 +72,7 @@ class TrainingConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     unfreeze: list[Any] = field(default_factory=list)  # [{epoch: N, params: [globs], lr_scale: 1.0}]
     freeze_backbone_epochs: int = 0  # train only the classifier head for the first N epochs
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 @dataclass
@@ -200,6 +211,10 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "training.gradient_clip_norm": (0, float("inf"), True),
     "training.early_stopping.patience": (0, float("inf"), True),
     "training.freeze_backbone_epochs": (0, float("inf"), True),
+    "training.privacy.noise_multiplier": (0, float("inf"), True),
+    "training.privacy.max_grad_norm": (0, float("inf"), False),
+    "training.privacy.target_epsilon": (0, float("inf"), False),
+    "training.privacy.target_delta": (0, 1, False),
     "checkpoint.save_top_k": (0, float("inf"), True),
     "checkpoint.save_frequency": (0, float("inf"), True),
     "checkpoint.save_every_n_steps": (0, float("inf"), True),

@@ -119,6 +119,11 @@ def build_model(cfg: DictConfig, num_classes: int | None) -> nn.Module:
     model = MODEL_REGISTRY.build(args)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model '{args['name']}' did not build an nn.Module (got {type(model).__name__})")
+    privacy = (cfg.get("training") or {}).get("privacy")
+    if privacy is not None and privacy.get("enabled"):
+        from src.engine.privacy import private_model
+
+        model = private_model(model, bool(privacy.get("fix_model", False)))
     if cfg.model.get("freeze"):
         from src.models.freezing import freeze
 
@@ -245,6 +250,24 @@ def preflight(cfg: DictConfig) -> None:
         from src.engine.distillation import teacher_files
 
         teacher_files(cfg.distillation)
+    check_privacy_before_run(cfg)
+
+
+def check_privacy_before_run(cfg: DictConfig) -> None:
+    """training.privacy: Opacus installed, a supported combination, no BatchNorm (on the meta device)."""
+    from src.engine.privacy import check_privacy, privacy_enabled
+
+    if not privacy_enabled(cfg):
+        return
+    check_privacy(cfg)
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg, cfg.model.get("num_classes") or cfg.evaluator.get("num_classes"))
+    except ConfigError:
+        raise
+    except Exception:  # a model that cannot be built on the meta device is checked when training builds it
+        return
+    check_privacy(cfg, model)
 
 
 def check_parameter_patterns(cfg: DictConfig) -> None:

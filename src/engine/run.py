@@ -309,6 +309,7 @@ def _write_summary(
         f"epochs:     {st.epoch} ({st.global_step} optimizer steps)",
         f"best:       {best}",
         f"wall time:  {_clock(seconds)} (this session)",
+        *([f"privacy:    {trainer.privacy.summary()}"] if trainer.privacy else []),  # privacy hook
         "test:       " + ", ".join(f"{k}={v:.4f}" for k, v in test.items()),
         f"resume:     {resume_command(run_dir)} epoch=<more than {st.epoch}>",
         f"test again: python test.py {run_dir}/config.yaml",

@@ -54,6 +54,7 @@ from src.engine.evaluate import batch_size, evaluate, split_batch, to_device, to
 from src.engine.loss_parts import add_parts, part_metrics, summed_parts
 from src.engine.parallel import prepare_model
 from src.engine.precision import configure_backends, peak_flops, resolve_precision, train_flops_per_sample
+from src.engine.privacy import build_privacy
 from src.engine.run_dir import resume_command, save_config
 from src.engine.signals import StopRequest
 from src.engine.throughput import RateWindow
@@ -102,6 +103,7 @@ class Trainer:
         self.tracking_active = False
         self.window_parts: dict[str, torch.Tensor] = {}
         self.data_wait = DataWaitWatch()  # warns when the loop keeps waiting for batches
+        self.privacy: Any = None  # training.privacy (src/engine/privacy.py), set in fit
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainState:
@@ -130,7 +132,12 @@ class Trainer:
         )
         num_classes = num_classes_of(cfg, train.dataset)
         require_num_classes(cfg, num_classes)
+        privacy = self.privacy = build_privacy(cfg, len(train.dataset), precision.name)  # privacy hook
+        if privacy is not None:  # privacy hook: Poisson batches
+            train = privacy.poisson_split(train)
         model = build_model(cfg, num_classes)
+        if privacy is not None:  # privacy hook: refuse layers Opacus cannot train (BatchNorm)
+            privacy.check_model(model)
         model.to(ctx.device)
         check_output_size(cfg, model, train.dataset, num_classes, ctx.device)
         self._warm_start(model)
@@ -141,6 +148,8 @@ class Trainer:
                 "mid-run; train on one process, or freeze with model.freeze only"
             )
         model, raw = prepare_model(model, cfg, ctx)
+        if privacy is not None:  # privacy hook: per-sample gradients (raw stays the plain model)
+            model = privacy.wrap_model(model)
         self.model, self.raw = model, raw
         loss_fn = build_loss(cfg)
         distiller = build_distiller(cfg, loss_fn, num_classes, ctx.device)  # None without a teacher
@@ -151,6 +160,8 @@ class Trainer:
         schedule = build_scheduler(
             cfg.lr_scheduler, optimizer, steps_per_epoch=steps_per_epoch, epochs=epochs
         )
+        if privacy is not None:  # privacy hook: clip per sample, add noise, count steps
+            optimizer = privacy.wrap_optimizer(optimizer)
         scaler = precision.grad_scaler()
         ema = self._build_ema(raw)
         self.optimizer, self.schedule, self.scaler, self.ema = optimizer, schedule, scaler, ema
@@ -269,7 +280,7 @@ class Trainer:
                 n = batch_size(targets)
                 first = (i // accumulate) * accumulate
                 last = min(first + accumulate, n_batches)
-                window_total = sum(sizes[first:last])
+                window_total = n if privacy is not None else sum(sizes[first:last])  # privacy hook: mean loss
                 sync = i + 1 == last
                 with self._grad_sync(sync), precision.autocast():
                     outputs = model(inputs)
@@ -384,6 +395,8 @@ class Trainer:
                 self._train_weights(kept)
             if schedule is not None and schedule.interval == "epoch":
                 schedule.step(metrics.get(str(cfg.checkpoint.monitor)) if schedule.needs_metric else None)
+            if privacy is not None:  # privacy hook: epsilon spent so far
+                metrics.update(privacy.end_epoch(epoch))
             self._log(metrics, None)
             st.epoch, st.batches_done = epoch + 1, 0
             st.epoch_loss_sum, st.epoch_samples = 0.0, 0
@@ -624,6 +637,8 @@ class Trainer:
             "world_size": ctx.world_size,
             "batch": int(cfg.batch),
         }
+        if self.privacy is not None:  # privacy hook: the accountant's history
+            state["privacy"] = self.privacy.state_dict()
         if ctx.strategy == "fsdp":
             state["dcp"] = self._save_sharded()
         else:
@@ -768,6 +783,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.privacy is not None:  # privacy hook: the accountant's history
+            self.privacy.load_state_dict(state.get("privacy"))
         self.state = TrainState(**state["progress"])
         rng = state.get("rng") or []
         if ctx.rank < len(rng):

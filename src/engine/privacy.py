@@ -1,0 +1,273 @@
+"""Differentially private training (`training.privacy`) with Opacus: DP-SGD on one process.
+
+Each step draws a Poisson batch (every sample joins independently with probability q = batch / N),
+clips every sample's gradient to `max_grad_norm`, adds Gaussian noise of std
+`noise_multiplier x max_grad_norm` to the sum and divides by the expected batch. An RDP accountant
+turns (noise, q, steps) into the epsilon spent so far, logged every epoch.
+
+Resume is exact without saving a sampler: an epoch's draws are a function of (seed, epoch) only, so a
+resumed run redraws them and skips the batches already trained; the noise comes from torch's global
+generator, which every checkpoint saves; the accountant's history is saved beside it.
+An empty draw (probability (1 - q)^N, about e^-batch) takes no step; the accountant still counts it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from src.errors import ConfigError
+
+log = logging.getLogger("template")
+
+INSTALL = 'training.privacy needs Opacus, which is not installed: pip install -e ".[privacy]"'
+
+
+def privacy_enabled(cfg: DictConfig) -> bool:
+    section = (cfg.get("training") or {}).get("privacy")
+    return bool(section is not None and section.get("enabled", False))
+
+
+def _opacus() -> Any:
+    try:
+        import opacus
+    except ImportError as err:
+        raise ConfigError(INSTALL) from err
+    return opacus
+
+
+def check_privacy(cfg: DictConfig, model: nn.Module | None = None) -> None:
+    """Refuse, before a result directory exists, what DP-SGD cannot do here; `model` may be on meta."""
+    if not privacy_enabled(cfg):
+        return
+    _opacus()
+    from src.config.schema import PRECISIONS
+    from src.engine.distributed import launched_by_torchrun
+
+    strategy = str(cfg.distributed.strategy)
+    gpus = [g for g in str(cfg.gpu.use).split(",") if g.strip()]
+    refusals = [
+        (launched_by_torchrun() or strategy in ("dp", "ddp", "fsdp"),
+         f"distributed training (distributed.strategy={strategy}); train on one process"),
+        (strategy == "auto" and len(gpus) > 1 and not launched_by_torchrun(),
+         f"DataParallel over gpu.use={cfg.gpu.use}; use one GPU"),
+        (int(cfg.training.accumulate_grad_batches) != 1,
+         "training.accumulate_grad_batches > 1; raise batch instead (the expected Poisson batch)"),
+        (float(cfg.training.gradient_clip_norm) > 0,
+         "training.gradient_clip_norm (per-sample clipping is training.privacy.max_grad_norm); set it to 0"),
+        (cfg.training.nan_policy == "skip",
+         "training.nan_policy=skip (a data-dependent skip leaks); use nan_policy=stop"),
+        (bool(cfg.model.get("compile", False)), "model.compile; set model.compile=false"),
+        (bool(cfg.training.unfreeze) or bool(cfg.training.freeze_backbone_epochs),
+         "training.unfreeze / freeze_backbone_epochs; freeze with model.freeze only"),
+        (cfg.get("distillation") is not None and bool(cfg.distillation.get("teacher")),
+         "distillation (the teacher's view of the data is not accounted); set distillation.teacher=null"),
+        (PRECISIONS.get(str(cfg.gpu.get("precision")).lower()) == "16",
+         "fp16 precision (its loss scaling bypasses per-sample clipping); use gpu.precision=bf16 or 32"),
+        ("schedulefree" in str(cfg.optimizer.get("name", "")).lower(),
+         f"the schedule-free optimizer {cfg.optimizer.get('name')}; use e.g. SGD or AdamW"),
+    ]  # fmt: skip
+    for bad, what in refusals:
+        if bad:
+            raise ConfigError(f"training.privacy does not support {what}")
+    if model is not None:  # the numbers' ranges are checked with the rest of the config (schema RANGES)
+        validate_model(model)  # build_model already applied fix_model
+
+
+def validate_model(model: nn.Module) -> None:
+    """Opacus needs per-sample gradients: BatchNorm mixes samples, and some layers have no grad sampler."""
+    from opacus.validators import ModuleValidator
+
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ConfigError(
+            "training.privacy: the model has BatchNorm, which mixes samples and so breaks per-sample "
+            "privacy; set training.privacy.fix_model=true (Opacus swaps in GroupNorm) or use a GroupNorm model"
+        )
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ConfigError(f"training.privacy: Opacus cannot train this model: {errors[0]}")
+
+
+def private_model(model: nn.Module, fix: bool) -> nn.Module:
+    """What build_model does to every model of a private run, so test.py and teachers build the same one."""
+    if fix:
+        _opacus()
+        from opacus.validators import ModuleValidator
+
+        model = ModuleValidator.fix(model)  # BatchNorm -> GroupNorm, same parameter names
+    for module in model.modules():  # in-place activations clash with Opacus's backward hooks
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+    return model
+
+
+@dataclass
+class PoissonDraws:
+    """One epoch's Poisson batches (non-empty ones) and how many draws came out empty."""
+
+    batches: list[torch.Tensor]
+    empty: int
+
+
+class PoissonSampler:
+    """Stands where the trainer keeps its sampler: set_epoch, set_start (in samples) and a length.
+
+    The DataLoader iterates `batch_sampler()`, a view of the same draws. The length is in
+    samples (non-empty batches x batch) so the trainer counts the right number of batches.
+    """
+
+    def __init__(self, num_samples: int, batch: int, seed: int) -> None:
+        self.num_samples, self.batch, self.seed = num_samples, batch, seed
+        self.sample_rate = min(1.0, batch / num_samples)
+        self.steps = max(1, num_samples // batch)  # draws per epoch: an epoch sees N samples on average
+        self.epoch, self.start = 0, 0
+        self._cache: tuple[int, PoissonDraws] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def set_start(self, samples: int) -> None:
+        self.start = samples // self.batch  # batches already trained this epoch
+
+    def draws(self, epoch: int) -> PoissonDraws:
+        if self._cache is None or self._cache[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            batches, empty = [], 0
+            for _ in range(self.steps):
+                chosen = (torch.rand(self.num_samples, generator=g) < self.sample_rate).nonzero().flatten()
+                if len(chosen):
+                    batches.append(chosen)
+                else:
+                    empty += 1
+            self._cache = (epoch, PoissonDraws(batches, empty))
+        return self._cache[1]
+
+    def __len__(self) -> int:
+        return max(0, len(self.draws(self.epoch).batches) - self.start) * self.batch
+
+    def batch_sampler(self) -> _BatchView:
+        return _BatchView(self)
+
+
+class _BatchView:
+    def __init__(self, sampler: PoissonSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Any:
+        s = self.sampler
+        for chosen in s.draws(s.epoch).batches[s.start :]:
+            yield chosen.tolist()
+
+    def __len__(self) -> int:
+        return self.sampler.steps
+
+
+class Privacy:
+    """DP-SGD pieces for the trainer; each method is one hook in src/engine/trainer.py."""
+
+    def __init__(self, cfg: DictConfig, num_samples: int) -> None:
+        from opacus.accountants import RDPAccountant
+
+        p = cfg.training.privacy
+        self.max_grad_norm = float(p.max_grad_norm)
+        self.delta = float(p.target_delta)
+        self.sampler = PoissonSampler(num_samples, int(cfg.batch), int(cfg.seed))
+        self.batch = int(cfg.batch)
+        self.noise_multiplier = float(p.noise_multiplier)
+        if p.get("target_epsilon") is not None:
+            from opacus.accountants.utils import get_noise_multiplier
+
+            self.noise_multiplier = get_noise_multiplier(
+                target_epsilon=float(p.target_epsilon), target_delta=self.delta,
+                sample_rate=self.sampler.sample_rate, steps=self.sampler.steps * int(cfg.epoch), accountant="rdp",
+            )  # fmt: skip
+        self.accountant = RDPAccountant()
+        log.info(
+            "private training: noise multiplier %.4g, max grad norm %g, Poisson sample rate %.4g, delta %g",
+            self.noise_multiplier, self.max_grad_norm, self.sampler.sample_rate, self.delta,
+        )  # fmt: skip
+
+    # --- hooks, in the order the trainer calls them
+    def check_model(self, model: nn.Module) -> None:
+        """Right after build_model (which already applied fix_model): a layer Opacus cannot train is refused."""
+        validate_model(model)
+
+    def poisson_split(self, split: Any) -> Any:
+        """The train split with a Poisson batch sampler in a loader that keeps the worker settings."""
+        import dataclasses
+
+        old = split.loader
+        extra = {"persistent_workers": old.persistent_workers, "prefetch_factor": old.prefetch_factor}
+        loader = torch.utils.data.DataLoader(
+            split.dataset, batch_sampler=self.sampler.batch_sampler(), num_workers=old.num_workers,
+            collate_fn=old.collate_fn, pin_memory=old.pin_memory, worker_init_fn=old.worker_init_fn,
+            generator=old.generator, **(extra if old.num_workers else {}),
+        )  # fmt: skip
+        return dataclasses.replace(split, sampler=self.sampler, loader=loader)
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """After prepare_model: per-sample gradients (the raw model and its state dict stay as they are)."""
+        import warnings
+
+        from opacus import GradSampleModule
+
+        # The first layer's input needs no gradient, so torch says its backward hook sees outputs only: expected.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        return GradSampleModule(model, batch_first=True, loss_reduction="mean")
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """After the scheduler is built: clip per sample, add noise, count the step."""
+        from opacus.optimizers import DPOptimizer
+
+        dp = DPOptimizer(
+            optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+            expected_batch_size=self.batch, loss_reduction="mean",
+        )  # fmt: skip
+        dp.attach_step_hook(lambda _: self._account(1))
+        return dp
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        """Count the epoch's empty draws (no step was taken for them) and report epsilon."""
+        self._account(self.sampler.draws(epoch).empty)
+        return {"epsilon": self.epsilon()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [list(h) for h in self.accountant.history]}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state is None:
+            from src.errors import RunError
+
+            raise RunError(
+                "this checkpoint was not written by a private run; resume it without training.privacy"
+            )
+        self.accountant.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+
+    # --- accounting
+    def _account(self, draws: int) -> None:
+        for _ in range(draws):
+            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sampler.sample_rate)
+
+    def epsilon(self) -> float:
+        return float(self.accountant.get_epsilon(delta=self.delta)) if self.accountant.history else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"epsilon = {self.epsilon():.4g} at delta = {self.delta:g} "
+            f"(noise multiplier {self.noise_multiplier:.4g}, max grad norm {self.max_grad_norm:g})"
+        )
+
+
+def build_privacy(cfg: DictConfig, num_samples: int, precision: str) -> Privacy | None:
+    """None unless training.privacy.enabled; checks the settings again (a resumed config may differ)."""
+    if not privacy_enabled(cfg):
+        return None
+    check_privacy(cfg)
+    if precision == "16":  # gpu.mixed_precision chose fp16 on this GPU
+        raise ConfigError("training.privacy does not support fp16 precision; set gpu.precision=bf16 or 32")
+    return Privacy(cfg, num_samples)

@@ -1,0 +1,236 @@
+"""Private training (training.privacy): DP-SGD through Opacus.
+
+In-process checks use the real Opacus wrappers: per-sample clipping equals a hand-computed mean of
+clipped gradients, noise has the promised scale, refusals are one-line config errors. One SIGKILL +
+resume test runs train.py mid-epoch and compares the end state and the logged epsilon bit for bit,
+and checks epsilon against Opacus's own accountant.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("opacus")
+
+import src  # noqa: F401  (registers the built-in components)
+from src.config import load_config
+from src.engine.build import build_model
+from src.engine.privacy import PoissonSampler, Privacy, check_privacy
+from src.errors import ConfigError
+from tests.helpers import (
+    ROOT,
+    TINY,
+    explain,
+    only_run_dir,
+    read_metrics,
+    run_script,
+    start_script,
+    state_differences,
+    wait_for_step,
+)
+
+BASE = ROOT / "config" / "__base__" / "config.yaml"
+
+
+def private_cfg(*overrides: str) -> object:
+    return load_config(BASE, ["training.privacy.enabled=true", *overrides])
+
+
+def mlp_private(noise: float, clip: float) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer]:
+    cfg = private_cfg(
+        "model.name=MLP", "model.in_features=6", "model.hidden=[5]", "batch=4",
+        f"training.privacy.noise_multiplier={noise}", f"training.privacy.max_grad_norm={clip}",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    raw = build_model(cfg, num_classes=3)
+    privacy = Privacy(cfg, num_samples=40)
+    model = privacy.wrap_model(raw)
+    optimizer = privacy.wrap_optimizer(torch.optim.SGD(raw.parameters(), lr=0.0))
+    return raw, model, optimizer
+
+
+def test_gradients_are_clipped_per_sample_then_noised():
+    x, y = torch.randn(6, 6) * 10, torch.tensor([0, 1, 2, 0, 1, 2])
+    clip = 0.05  # far below every sample's gradient norm, so every sample is clipped
+    raw, model, optimizer = mlp_private(noise=0.0, clip=clip)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    got = [p.grad.clone() for p in raw.parameters()]
+    # By hand: each sample's gradient scaled to norm `clip`, summed, divided by the expected batch (4).
+    expected = [torch.zeros_like(p) for p in raw.parameters()]
+    for i in range(len(x)):
+        grads = torch.autograd.grad(torch.nn.functional.cross_entropy(raw(x[i : i + 1]), y[i : i + 1]),
+                                    list(raw.parameters()))  # fmt: skip
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        assert norm > clip
+        for e, g in zip(expected, grads, strict=True):
+            e += g * (clip / (norm + 1e-6)) / 4
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    # With noise: the difference to the clean gradient is Gaussian with std noise x clip / batch.
+    raw, model, optimizer = mlp_private(noise=2.0, clip=clip)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    diff = torch.cat([(p.grad - e).flatten() for p, e in zip(raw.parameters(), expected, strict=True)])
+    assert diff.std().item() == pytest.approx(2.0 * clip / 4, rel=0.3)
+
+
+def test_poisson_draws_depend_on_seed_and_epoch_only():
+    a, b = PoissonSampler(200, 20, seed=3), PoissonSampler(200, 20, seed=3)
+    sizes = [len(t) for t in a.draws(0).batches]
+    assert len(sizes) == 10 and len(set(sizes)) > 1 and 120 < sum(sizes) < 280  # variable, ~N per epoch
+    b.set_epoch(0)
+    b.set_start(3 * 20)  # a resume after 3 batches continues with the 4th
+    assert list(b.batch_sampler()) == [t.tolist() for t in a.draws(0).batches[3:]]
+    assert len(b) == 7 * 20
+    assert not torch.equal(a.draws(1).batches[0], a.draws(0).batches[0])
+
+
+def test_refusals_are_one_line_config_errors(monkeypatch):
+    cfg = private_cfg()  # the default SimpleCNN has BatchNorm
+    with pytest.raises(ConfigError, match=r"BatchNorm.*fix_model=true"):
+        check_privacy(cfg, build_model(cfg, num_classes=10))
+    fixed = private_cfg("training.privacy.fix_model=true")
+    model = build_model(fixed, num_classes=10)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    check_privacy(fixed, model)
+    for override, words in [
+        ("training.accumulate_grad_batches=2", "accumulate_grad_batches"),
+        ("training.gradient_clip_norm=1.0", "gradient_clip_norm"),
+        ("distributed.strategy=ddp", "distributed"),
+        ("training.nan_policy=skip", "nan_policy"),
+        ("gpu.precision=16", "fp16"),
+    ]:
+        with pytest.raises(ConfigError, match=words):
+            check_privacy(private_cfg(override))
+    with pytest.raises(ConfigError, match=r"'training.privacy.max_grad_norm' must be > 0"):
+        private_cfg("training.privacy.max_grad_norm=0")
+    monkeypatch.setitem(sys.modules, "opacus", None)  # as if the extra were not installed
+    with pytest.raises(ConfigError, match=r'pip install -e "\.\[privacy\]"'):
+        check_privacy(private_cfg())
+
+
+def test_train_py_refuses_a_batchnorm_model_before_writing_anything(tmp_path):
+    proc = run_script("train.py", str(BASE), f"output={tmp_path}", *TINY, "training.privacy.enabled=true")
+    assert proc.returncode == 2, explain(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "fix_model=true" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------- exact resume mid-epoch
+PARTS = """
+import os
+import time
+
+from src.models.small import MLP
+from src.registry import MODEL_REGISTRY
+
+
+@MODEL_REGISTRY.register()
+class SlowMLP(MLP):
+    def forward(self, x):
+        if self.training:
+            time.sleep(float(os.environ.get("PRIVACY_TEST_SLEEP", "0")))
+        return super().forward(x)
+"""
+
+# 48 samples, expected batch 8: 6 Poisson draws per epoch (q = 1/6); killed at step 8, in epoch 2.
+CONFIG = f"""
+__base__: {BASE}
+imports: [privacy_parts]
+epoch: 3
+batch: 8
+model: {{name: SlowMLP, in_features: 16, hidden: [16], dropout: 0.2}}
+dataset: {{name: SyntheticClassification, input_shape: [16], train_size: 48, val_size: 16, test_size: 16}}
+optimizer: {{name: SGD, lr: 0.1, momentum: 0.9}}
+training: {{privacy: {{enabled: true, noise_multiplier: 1.1, max_grad_norm: 1.0}}}}
+checkpoint: {{save_every_n_steps: 1}}
+logging: {{log_frequency: 1, mlflow: false, tensorboard: false, progress_bar: false}}
+"""
+
+
+def epsilons(run: Path) -> list[float]:
+    return [m["epsilon"] for m in read_metrics(run) if "epsilon" in m]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_resumes_bit_exact_with_the_same_epsilon(tmp_path):
+    from opacus.accountants import RDPAccountant
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "privacy_parts.py").write_text(PARTS)
+    config = tmp_path / "exp.yaml"
+    config.write_text(textwrap.dedent(CONFIG))
+    path = os.pathsep.join(p for p in (str(tmp_path / "pkg"), os.environ.get("PYTHONPATH", "")) if p)
+    env = {"PYTHONPATH": path}
+
+    ref_out = tmp_path / "ref"
+    proc = run_script("train.py", str(config), f"output={ref_out}", env=env)
+    assert proc.returncode == 0, explain(proc)
+    ref = only_run_dir(ref_out)
+    # Epsilon grows every epoch and is Opacus's RDP accountant over every Poisson draw so far.
+    logged = epsilons(ref)
+    assert len(logged) == 3 and logged[0] < logged[1] < logged[2]
+    for epoch, eps in enumerate(logged, start=1):
+        accountant = RDPAccountant()
+        accountant.history = [(1.1, 8 / 48, 6 * epoch)]
+        assert eps == pytest.approx(accountant.get_epsilon(delta=1e-5), rel=1e-12)
+    assert f"epsilon = {logged[-1]:.4g} at delta = 1e-05" in (ref / "summary.txt").read_text()
+
+    out = tmp_path / "killed"
+    out.mkdir()
+    run = start_script("train.py", str(config), f"output={out}", "logging.mlflow=true", "logging.tensorboard=true",
+                       log_file=out / "console.log", env={**env, "PRIVACY_TEST_SLEEP": "0.1"})  # fmt: skip
+    try:
+        wait_for_step(run, out, 8)
+        run.send_signal(signal.SIGKILL)
+        assert run.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    killed = only_run_dir(out)
+    assert len(epsilons(killed)) == 1  # killed inside epoch 2
+    proc = run_script("train.py", str(killed / "config.yaml"), env=env)
+    assert proc.returncode == 0, explain(proc)
+
+    def ckpt(run: Path) -> dict:
+        return torch.load(run / "checkpoints" / "last.pth", map_location="cpu", weights_only=True)
+
+    got, want = ckpt(killed), ckpt(ref)
+    for key in ("model", "optimizer", "privacy", "rng"):
+        assert not state_differences(got[key], want[key]), (key, state_differences(got[key], want[key])[:5])
+    assert epsilons(killed)[-2:] == logged[-2:]
+
+    # The same epsilon per epoch, each once, in MLflow and TensorBoard across the kill.
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    (mlflow_run,) = client.search_runs(
+        [client.get_experiment_by_name("SyntheticClassification").experiment_id]
+    )
+    history = sorted(client.get_metric_history(mlflow_run.info.run_id, "epsilon"), key=lambda m: m.step)
+    assert [m.value for m in history] == logged
+    events = EventAccumulator(str(killed / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("epsilon")] == pytest.approx(logged, rel=1e-6)
+
+
+def test_target_epsilon_picks_the_noise_that_spends_it_by_the_last_epoch():
+    privacy = Privacy(
+        private_cfg("epoch=3", "batch=8", "training.privacy.target_epsilon=2.0"), num_samples=48
+    )
+    assert privacy.noise_multiplier > 1.1
+    privacy._account(3 * 6)  # every draw of three epochs
+    assert privacy.epsilon() == pytest.approx(2.0, abs=0.02)
+    assert privacy.epsilon() <= 2.0
