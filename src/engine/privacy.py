@@ -147,6 +147,11 @@ class PoissonSampler:
             self._cache = (epoch, PoissonDraws(batches, empty))
         return self._cache[1]
 
+    @property
+    def total(self) -> int:
+        """This epoch's samples from its first batch, in the trainer's units (batches x batch)."""
+        return len(self.draws(self.epoch).batches) * self.batch
+
     def __len__(self) -> int:
         return max(0, len(self.draws(self.epoch).batches) - self.start) * self.batch
 
