@@ -53,6 +53,8 @@ class Worker:
         """Import MLflow and open the store (creating or migrating a sqlite file) before any run is asked for."""
         from mlflow.tracking import MlflowClient
 
+        for name in ("mlflow", "alembic"):  # set on import; their INFO lines about tables are noise here
+            logging.getLogger(name).setLevel(logging.WARNING)
         make_sqlite_folder(self.uri)
         client = MlflowClient(self.uri)
         client.search_experiments(max_results=1)  # builds the store: the slow part
@@ -241,8 +243,6 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the trainer, which then ends the run
     os.dup2(2, 1)  # anything printed goes to stderr, never into the trainer's stdout
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s WARNING %(name)s: %(message)s")
-    for name in ("mlflow", "alembic"):  # their INFO lines about creating tables are noise to a user
-        logging.getLogger(name).setLevel(logging.WARNING)
     worker = Worker(uri, Connection(fd))
     try:
         worker.connect()
