@@ -119,6 +119,7 @@ class MlflowTracker(Tracker):
         self._opened = threading.Event()
         self._off = False  # the store could not be opened: drop everything
         self._finished = False
+        self._gone = False  # the child ended: keep events for the checkpoint, send nothing more
         # Events not yet confirmed by the store, oldest first. The child confirms a prefix once it is
         # written; `_covered` (events a checkpoint holds) and `_sent` (events handed to the child) count
         # from the front of this list. `_covered` is None until the first state() or resume().
@@ -280,7 +281,7 @@ class MlflowTracker(Tracker):
 
     def _send_upto(self, end: int) -> None:
         """Hand the child the events up to `end` that it does not have yet (hold the lock)."""
-        if end > self._sent and not self._off:
+        if end > self._sent and not (self._off or self._gone):
             self._outbox.put(("events", self._events[self._sent : end]))
             self._sent = end
 
@@ -325,6 +326,7 @@ class MlflowTracker(Tracker):
                 elif op == "finished":
                     return
         except (EOFError, OSError):
+            self._gone = True
             if not self._finished:
                 log.warning("MLflow: the tracking process for %s ended early", self.tracking_uri)
             if not self._opened.is_set():
