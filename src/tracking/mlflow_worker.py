@@ -240,6 +240,8 @@ def _die_with_parent(parent: int) -> None:
 def main(argv: list[str]) -> None:
     fd, uri, parent = int(argv[1]), argv[2], int(argv[3])
     _die_with_parent(parent)
+    with contextlib.suppress(OSError):  # background work: on a busy machine the training process goes first
+        os.nice(10)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the trainer, which then ends the run
     os.dup2(2, 1)  # anything printed goes to stderr, never into the trainer's stdout
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s WARNING %(name)s: %(message)s")
