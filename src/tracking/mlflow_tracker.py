@@ -68,6 +68,9 @@ class _Child:
                  str(os.getpid())],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env, start_new_session=True,
             )  # fmt: skip
+        except OSError:
+            mine.close()
+            raise
         finally:
             theirs.close()
         self.conn = Connection(mine.detach())
@@ -92,12 +95,11 @@ def prestart(tracking_uri: str) -> None:
         _spares[tracking_uri] = _Child(tracking_uri)
     except OSError as err:
         log.warning("MLflow: could not start the tracking process: %s", err)
-        return
-    if len(_spares) == 1:
-        atexit.register(_close_spares)
 
 
+@atexit.register
 def _close_spares() -> None:
+    """A spare no tracker took (set-up failed first) is told to exit with its parent."""
     while _spares:
         _spares.popitem()[1].close()
 
