@@ -181,6 +181,48 @@ def test_mlflow_unusable_store_warns_and_never_raises(
     assert "tracking is off" in caplog.text
 
 
+def test_mlflow_calls_run_in_a_child_process_and_its_death_never_stops_training(store: str) -> None:
+    """The trainer's process never imports MLflow (its import and store set-up hold the GIL for
+    seconds); a prestarted child is taken over; a dead child costs events, never an exception."""
+    child = textwrap.dedent(
+        f"""
+        import json, os, signal, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from src.tracking import MlflowTracker
+        from src.tracking.mlflow_tracker import _spares, prestart
+        prestart({store!r})
+        spare = _spares[{store!r}].process.pid
+        tracker = MlflowTracker({store!r}, "child", "run_e", tags={{}})
+        tracker.log_metrics({{"train_loss": 1.0}}, step=1, epoch=0)
+        tracker.state()
+        tracker.commit()
+        tracker.make_active()
+        tracker.finish("FINISHED")
+        doomed = MlflowTracker({store!r}, "child", "run_f", tags={{}})
+        doomed.run_id
+        os.kill(doomed._child.process.pid, signal.SIGKILL)
+        doomed._child.process.wait()
+        doomed.log_metrics({{"train_loss": 2.0}}, step=1, epoch=0)
+        kept = doomed.state()["pending"]
+        doomed.commit()
+        assert doomed.flush(timeout=10)
+        doomed.finish("FINISHED")
+        print(json.dumps({{"run_id": tracker.run_id, "adopted": tracker._child.process.pid == spare,
+                          "env": os.environ.get("MLFLOW_TRACKING_URI"), "kept": kept,
+                          "imported": sorted(m for m in sys.modules if m.split(".")[0] == "mlflow")}}))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert seen["imported"] == [] and seen["adopted"]
+    assert seen["env"] == store  # user code's mlflow.log_metric resumes this run
+    assert seen["kept"] == [["train_loss", 2.0, seen["kept"][0][2], 1]]  # in the checkpoint, for resume
+    assert _client(store).get_run(seen["run_id"]).info.status == "FINISHED"
+    assert _steps(store, seen["run_id"], "train_loss") == [1]
+    assert "ended early" in done.stderr
+
+
 def test_resolve_tracking_uri_prefers_config_then_env(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -15,11 +15,14 @@ PARENT_RUN_ENV = "TEMPLATE_MLFLOW_PARENT_RUN_ID"
 
 
 def resolve_uri(cfg: DictConfig) -> DictConfig:
+    """Fix the MLflow store in the config, and start its tracking process so it opens during set-up."""
     if not cfg.logging.mlflow:
         return cfg
     from src.tracking import resolve_tracking_uri
+    from src.tracking.mlflow_tracker import prestart
 
     uri = resolve_tracking_uri(cfg.logging.mlflow_tracking_uri, Path(cfg.output).resolve())
+    prestart(uri)  # MlflowTracker takes it over in start_trackers()
     return OmegaConf.merge(cfg, {"logging": {"mlflow_tracking_uri": uri}})
 
 
@@ -62,8 +65,8 @@ def start_trackers(cfg: DictConfig, run_dir: Path, saved: dict | None, step: int
 def activate_mlflow(trackers: Any) -> None:
     """Make `mlflow.log_metric(...)` in user code (a custom evaluator) land in this run's MLflow run.
 
-    Waits until the run exists, which takes seconds on a new store; the trainer calls it before the
-    first validation rather than at start, so opening the store does not hold up the first step.
+    Waits until the tracking process has opened the run (it starts before the model is built, so it
+    usually has); the trainer calls it before the first validation rather than at start.
     """
     from src.tracking import MlflowTracker
 

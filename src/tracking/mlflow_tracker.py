@@ -1,25 +1,32 @@
-"""MLflow run tracking from a background thread, with exactly-once metrics across crash and resume.
+"""MLflow run tracking from a child process, with exactly-once metrics across crash and resume.
 
-Importing MLflow and creating a sqlite store take seconds, and any store can be slow or down, so
-every MLflow call runs on one worker thread fed by a queue; the training loop only appends to
-lists. Metric events are held until a checkpoint covers them: `state()` marks what the checkpoint
-holds (and saves the events not yet confirmed by the store inside it), `commit()` releases the
-marked events to the store. A crash therefore loses only events that the resumed run logs again,
-and `resume()` re-sends the checkpoint's unconfirmed events, skipping those the store already has.
+Importing MLflow and creating a sqlite store take seconds of pure Python, and any store can be slow
+or down. On a thread of the training process that work holds the GIL and slows the first steps, so
+every MLflow call runs in a child process (`src.tracking.mlflow_worker`) fed over a socket; this
+process never imports MLflow, and the training loop only appends to lists. `prestart()` starts the
+child before the model is built, so the store's migration overlaps set-up.
+
+Metric events are held until a checkpoint covers them: `state()` marks what the checkpoint holds (and
+saves the events not yet confirmed by the store inside it), `commit()` releases the marked events to
+the child. A crash therefore loses only events that the resumed run logs again, and `resume()`
+re-sends the checkpoint's unconfirmed events, which the child skips where the store already has them.
 """
 
 from __future__ import annotations
 
+import atexit
 import io
+import itertools
 import logging
 import os
 import queue
+import socket
+import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from src.tracking.base import Tracker
@@ -27,13 +34,12 @@ from src.tracking.base import Tracker
 log = logging.getLogger("template.tracking")
 
 # MLflow's own limits (mlflow.utils.validation), copied so that importing this module stays cheap.
-_METRICS_PER_BATCH = 1000
-_PARAMS_PER_BATCH = 100
 _PARAM_VALUE_LENGTH = 6000
 _TAG_VALUE_LENGTH = 8000
 _KEY_LENGTH = 250
 _FINISH_TIMEOUT_S = 60.0
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
+_ROOT = Path(__file__).resolve().parents[2]  # the folder holding src/, for the child's imports
 
 # (key, value, timestamp in ms, step): what MLflow stores for one metric point.
 Event = tuple[str, float, int, int]
@@ -49,8 +55,57 @@ def resolve_tracking_uri(config_value: str | None, output_root: Path) -> str:
     return f"sqlite:///{(Path(output_root) / 'mlflow.db').resolve()}"
 
 
+class _Child:
+    """A started `mlflow_worker` process and this end of its socket."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        mine, theirs = socket.socketpair()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "src.tracking.mlflow_worker", str(theirs.fileno()), tracking_uri,
+                 str(os.getpid())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            )  # fmt: skip
+        except OSError:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        self.conn = Connection(mine.detach())
+
+    def close(self) -> None:
+        """Hang up: the child reads end-of-file and exits."""
+        self.conn.close()
+
+
+_spares: dict[str, _Child] = {}
+
+
+def prestart(tracking_uri: str) -> None:
+    """Start the MLflow child for `tracking_uri` now, to be taken by the next MlflowTracker on that store.
+
+    Call it early in the main thread (the child dies with the thread that started it): importing
+    MLflow and migrating the store then happen while the trainer builds its data and model.
+    """
+    if tracking_uri in _spares:
+        return
+    try:
+        _spares[tracking_uri] = _Child(tracking_uri)
+    except OSError as err:
+        log.warning("MLflow: could not start the tracking process: %s", err)
+
+
+@atexit.register
+def _close_spares() -> None:
+    """A spare no tracker took (set-up failed first) is told to exit with its parent."""
+    while _spares:
+        _spares.popitem()[1].close()
+
+
 class MlflowTracker(Tracker):
-    """One MLflow run, created (or reopened from `run_id`) on a background thread."""
+    """One MLflow run, created (or reopened from `run_id`) by a child process."""
 
     def __init__(
         self,
@@ -61,27 +116,35 @@ class MlflowTracker(Tracker):
         run_id: str | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
-        self._experiment_name = experiment_name
-        self._run_name = run_name
-        self._tags = {str(k)[:_KEY_LENGTH]: str(v)[:_TAG_VALUE_LENGTH] for k, v in tags.items()}
         self._wanted_run_id = run_id
         self._run_id: str | None = None
-        self._status_before: str | None = None  # a reopened run's status, restored by finish(None)
-        self._client: Any = None
         self._opened = threading.Event()
         self._off = False  # the store could not be opened: drop everything
         self._finished = False
-        # Events not yet confirmed by the store, oldest first. The worker removes a prefix once
-        # written; `_covered` (events a checkpoint holds) and `_release` (events commit() let go)
-        # count from the front of this list. `_covered` is None until the first state() or resume().
+        self._gone = False  # the child ended: keep events for the checkpoint, send nothing more
+        # Events not yet confirmed by the store, oldest first. The child confirms a prefix once it is
+        # written; `_covered` (events a checkpoint holds) and `_sent` (events handed to the child) count
+        # from the front of this list. `_covered` is None until the first state() or resume().
         self._lock = threading.Lock()
         self._events: list[Event] = []
         self._covered: int | None = None
-        self._release = 0
-        self._tasks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
-        self._thread.start()
-        self._tasks.put(self._open)
+        self._sent = 0
+        self._pings: dict[int, threading.Event] = {}
+        self._tokens = itertools.count()
+        # Messages for the child go through a thread, so a full socket never blocks training.
+        self._outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        tags = {str(k)[:_KEY_LENGTH]: str(v)[:_TAG_VALUE_LENGTH] for k, v in tags.items()}
+        try:
+            self._child = _spares.pop(tracking_uri, None) or _Child(tracking_uri)
+        except OSError as err:
+            self._child = None
+            self._switch_off(f"could not start the tracking process: {err}")
+            return
+        self._reader = threading.Thread(target=self._read, name="mlflow-reader", daemon=True)
+        self._writer = threading.Thread(target=self._write, name="mlflow-writer", daemon=True)
+        self._reader.start()
+        self._writer.start()
+        self._outbox.put(("open", experiment_name, run_name, tags, run_id))
 
     # -- the training side: cheap, never touches MLflow ------------------------------------------
 
@@ -94,7 +157,7 @@ class MlflowTracker(Tracker):
     def log_params(self, params: dict[str, Any]) -> None:
         if self._accepting():
             values = {str(k)[:_KEY_LENGTH]: str(v)[:_PARAM_VALUE_LENGTH] for k, v in params.items()}
-            self._submit(lambda: self._write_params(values))
+            self._outbox.put(("params", values))
 
     def log_metrics(self, metrics: dict[str, float], step: int, epoch: int) -> None:
         if self._accepting():
@@ -104,16 +167,14 @@ class MlflowTracker(Tracker):
 
     def log_artifact(self, path: str | Path) -> None:
         if self._accepting():
-            local = Path(path).resolve()
-            self._submit(lambda: self._write_artifact(local))
+            self._outbox.put(("artifact", str(Path(path).resolve())))
 
     def log_figure(self, name: str, figure: Any, step: int) -> None:
-        """Render now, on this thread: matplotlib figures are not safe to draw from another thread."""
+        """Render here: the caller owns the figure, and only its PNG bytes travel to the child."""
         if self._accepting():
             buffer = io.BytesIO()
             figure.savefig(buffer, format="png", bbox_inches="tight")
-            png = buffer.getvalue()
-            self._submit(lambda: self._write_figure(name, png, step))
+            self._outbox.put(("figure", name, buffer.getvalue(), step))
 
     def state(self) -> dict[str, Any]:
         run_id = self.run_id
@@ -126,8 +187,7 @@ class MlflowTracker(Tracker):
         """Send what the last checkpoint holds; later events wait for the next checkpoint."""
         if self._accepting():
             with self._lock:
-                self._release = len(self._events) if self._covered is None else self._covered
-            self._submit(self._send)
+                self._send_upto(len(self._events) if self._covered is None else self._covered)
 
     def resume(self, state: dict[str, Any]) -> None:
         if self._off or self._finished:
@@ -141,18 +201,19 @@ class MlflowTracker(Tracker):
             )
         pending = [(str(k), float(v), int(t), int(s)) for k, v, t, s in state.get("pending", [])]
         with self._lock:
-            self._events[:0] = pending
-            self._covered = len(pending)
-            self._release = len(pending)
-        self._submit(self._send_unless_stored)
+            self._events[self._sent : self._sent] = pending  # before anything not yet sent
+            self._sent += len(pending)
+            self._covered = self._sent
+            self._outbox.put(("resume_events", pending))
 
     def make_active(self) -> None:
         """Let `mlflow.log_metric(...)` in user code (a custom evaluator, say) land in this run.
 
         MLflow's fluent API resumes the run named by $MLFLOW_RUN_ID, in the store named by
-        $MLFLOW_TRACKING_URI, on its first call. Waits until the run exists, so call it once at start;
-        `finish` ends that fluent run before writing the real status, so MLflow's exit hook cannot
-        mark a failed run FINISHED.
+        $MLFLOW_TRACKING_URI, on its first call; this process never imports MLflow itself. Waits
+        until the child reports the run, so call it once, before user code may log; `finish` ends
+        that fluent run before the child writes the real status, so MLflow's exit hook cannot mark
+        a failed run FINISHED.
         """
         run_id = self.run_id
         if run_id is not None:
@@ -161,14 +222,16 @@ class MlflowTracker(Tracker):
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every call queued so far has reached MLflow; False on timeout."""
-        if not self._thread.is_alive():
+        if self._child is None or not self._reader.is_alive():
             return True
         done = threading.Event()
-        self._tasks.put(done.set)
-        return done.wait(timeout)
+        token = next(self._tokens)
+        self._pings[token] = done
+        self._outbox.put(("ping", token))
+        return done.wait(timeout) or not self._reader.is_alive()
 
     def finish(self, status: str | None) -> None:
-        """Send what is left, close the run and stop the worker, waiting at most a minute.
+        """Send what is left, close the run and wait for the child to exit, at most a minute.
 
         A FAILED or KILLED run may be resumed from its last checkpoint, which logs the events after
         that checkpoint again; so only a FINISHED run (or one that never checkpointed) sends them.
@@ -180,30 +243,30 @@ class MlflowTracker(Tracker):
         if self._finished:
             return
         self._finished = True
+        if self._child is None:
+            return
         self._end_fluent_run()
         with self._lock:
             everything = status in ("FINISHED", None) or self._covered is None
-            self._release = len(self._events) if everything else self._covered
-        self._submit(self._send)
-        if status is None:
-            self._submit(
-                lambda: self._client.update_run(self._run_id, status=self._status_before or "FINISHED")
-            )
-        else:
-            self._submit(lambda: self._client.set_terminated(self._run_id, status))
-        self._tasks.put(None)
-        self._thread.join(_FINISH_TIMEOUT_S)
-        if self._thread.is_alive():
+            self._send_upto(len(self._events) if everything else self._covered)
+        self._outbox.put(("finish", status))
+        self._outbox.put(None)
+        try:
+            self._child.process.wait(_FINISH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
             log.warning(
                 "MLflow: %s did not answer within %.0fs; run %s may miss its last events",
                 self.tracking_uri,
                 _FINISH_TIMEOUT_S,
                 self._run_id,
             )
+            return
+        self._reader.join(5)
+        self._child.close()
 
     def _end_fluent_run(self) -> None:
-        """Close the fluent run that user code resumed on this thread (see `make_active`), if any."""
-        mlflow = sys.modules.get("mlflow")
+        """Close the fluent run that user code resumed in this process (see `make_active`), if any."""
+        mlflow = sys.modules.get("mlflow")  # only there if user code imported it
         if mlflow is None or self._run_id is None:
             return
         if os.environ.get("MLFLOW_RUN_ID") == self._run_id:
@@ -211,155 +274,66 @@ class MlflowTracker(Tracker):
         try:
             active = mlflow.active_run()
             if active is not None and active.info.run_id == self._run_id:
-                mlflow.end_run()  # FINISHED for a moment: finish() queues the real status after it
+                mlflow.end_run()  # FINISHED for a moment: the child writes the real status after it
         except Exception as err:
             log.warning("MLflow: could not end the run user code opened: %s", err)
 
     def _accepting(self) -> bool:
         return not (self._off or self._finished)
 
-    def _submit(self, call: Callable[[], Any]) -> None:
-        """Queue an MLflow call; it is skipped if the store turned out to be unusable."""
-        self._tasks.put(lambda: None if self._off else call())
+    def _send_upto(self, end: int) -> None:
+        """Hand the child the events up to `end` that it does not have yet (hold the lock)."""
+        if end > self._sent and not (self._off or self._gone):
+            self._outbox.put(("events", self._events[self._sent : end]))
+            self._sent = end
 
-    # -- the worker side: every MLflow call happens here ------------------------------------------
+    def _switch_off(self, reason: str) -> None:
+        self._off = True
+        with self._lock:
+            self._events.clear()
+            self._sent, self._covered = 0, None
+        log.warning("MLflow: tracking is off for this run, %s", reason)
+        self._opened.set()
 
-    def _work(self) -> None:
-        while (task := self._tasks.get()) is not None:
+    # -- the threads that talk to the child ---------------------------------------------------------
+
+    def _write(self) -> None:
+        while (message := self._outbox.get()) is not None:
             try:
-                task()
-            except Exception as err:
-                log.warning("MLflow: %s (run %s, store %s)", err, self._run_id, self.tracking_uri)
+                self._child.conn.send(message)
+            except (OSError, ValueError):
+                return  # the child is gone; _read has said so
 
-    def _open(self) -> None:
+    def _read(self) -> None:
         try:
-            from mlflow.tracking import MlflowClient
-
-            if "MLFLOW_LOGGING_LEVEL" not in os.environ:  # its INFO lines ("Creating initial MLflow
-                logging.getLogger("mlflow").setLevel(logging.WARNING)  # database tables") are not ours
-
-            _make_sqlite_folder(self.tracking_uri)
-            client = MlflowClient(self.tracking_uri)
-            run_id = self._reopen(client, self._wanted_run_id) if self._wanted_run_id else None
-            if run_id is None:
-                run = client.create_run(self._experiment_id(client), run_name=self._run_name, tags=self._tags)
-                run_id = run.info.run_id
-            self._client, self._run_id = client, run_id
-        except Exception as err:
-            self._off = True
-            with self._lock:
-                self._events.clear()
-            log.warning("MLflow: tracking is off for this run, could not open %s: %s", self.tracking_uri, err)
+            while True:
+                op, *args = self._child.conn.recv()
+                if op == "opened":
+                    run_id, error = args
+                    if run_id is None:
+                        self._switch_off(f"could not open {self.tracking_uri}: {error}")
+                    else:
+                        self._run_id = run_id
+                        self._opened.set()
+                elif op == "confirmed":
+                    with self._lock:  # written: forget them, keeping the counters relative to the front
+                        del self._events[: args[0]]
+                        self._sent -= args[0]
+                        if self._covered is not None:
+                            self._covered -= args[0]
+                elif op == "warn":
+                    log.warning("%s", args[0])
+                elif op == "pong":
+                    self._pings.pop(args[0]).set()
+                elif op == "finished":
+                    return
+        except (EOFError, OSError):
+            self._gone = True
+            if not self._finished:
+                log.warning("MLflow: the tracking process for %s ended early", self.tracking_uri)
+            if not self._opened.is_set():
+                self._switch_off("its process ended before opening the run")
         finally:
             self._opened.set()
-
-    def _reopen(self, client: Any, run_id: str) -> str | None:
-        """Set the run back to RUNNING; None when the store has no such live run."""
-        from mlflow.entities import RunTag
-        from mlflow.exceptions import MlflowException
-
-        try:
-            run = client.get_run(run_id)
-        except MlflowException as err:
-            log.warning("MLflow: cannot reopen run %s (%s); starting a new run", run_id, err)
-            return None
-        if run.info.lifecycle_stage != "active":
-            log.warning("MLflow: run %s was deleted; starting a new run", run_id)
-            return None
-        self._status_before = run.info.status
-        client.update_run(run_id, status="RUNNING")
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in self._tags.items()], synchronous=True)
-        return run_id
-
-    def _experiment_id(self, client: Any) -> str:
-        from mlflow.exceptions import MlflowException
-
-        experiment = client.get_experiment_by_name(self._experiment_name)
-        if experiment is None:
-            try:
-                return client.create_experiment(
-                    self._experiment_name, artifact_location=_artifact_location(self.tracking_uri)
-                )
-            except MlflowException:  # another process created it a moment ago
-                experiment = client.get_experiment_by_name(self._experiment_name)
-                if experiment is None:
-                    raise
-        if experiment.lifecycle_stage != "active":
-            log.warning("MLflow: experiment %r was deleted; restoring it", self._experiment_name)
-            client.restore_experiment(experiment.experiment_id)
-        return experiment.experiment_id
-
-    def _send(self) -> None:
-        from mlflow.entities import Metric
-
-        with self._lock:
-            batch = self._events[: self._release]
-        for start in range(0, len(batch), _METRICS_PER_BATCH):
-            chunk = batch[start : start + _METRICS_PER_BATCH]
-            self._client.log_batch(
-                self._run_id, metrics=[Metric(*event) for event in chunk], synchronous=True
-            )
-            with self._lock:  # confirmed: forget them, keeping the counters relative to the front
-                del self._events[: len(chunk)]
-                self._release -= len(chunk)
-                if self._covered is not None:
-                    self._covered -= len(chunk)
-
-    def _send_unless_stored(self) -> None:
-        """Drop the resumed checkpoint's events that reached the store before the crash, send the rest."""
-        with self._lock:
-            pending = self._events[: self._release]
-        stored: dict[str, set[tuple[int, int]]] = {}
-        for key in {event[0] for event in pending}:
-            history = self._client.get_metric_history(self._run_id, key)
-            stored[key] = {(m.step, m.timestamp) for m in history}
-        missing = [e for e in pending if (e[3], e[2]) not in stored[e[0]]]
-        dropped = len(pending) - len(missing)
-        with self._lock:
-            self._events[: len(pending)] = missing
-            self._release -= dropped
-            if self._covered is not None:
-                self._covered -= dropped
-        self._send()
-
-    def _write_params(self, values: dict[str, str]) -> None:
-        """Log params the run lacks; MLflow refuses to change one, so a changed value is reported."""
-        from mlflow.entities import Param
-
-        existing = self._client.get_run(self._run_id).data.params
-        changed = sorted(k for k, v in values.items() if k in existing and existing[k] != v)
-        if changed:
-            log.warning(
-                "MLflow keeps the first value of params changed on resume: %s", ", ".join(changed[:10])
-            )
-        new = [Param(k, v) for k, v in values.items() if k not in existing]
-        for start in range(0, len(new), _PARAMS_PER_BATCH):
-            self._client.log_batch(
-                self._run_id, params=new[start : start + _PARAMS_PER_BATCH], synchronous=True
-            )
-
-    def _write_artifact(self, local: Path) -> None:
-        if local.is_dir():
-            self._client.log_artifacts(self._run_id, str(local), artifact_path=local.name)
-        else:
-            self._client.log_artifact(self._run_id, str(local))
-
-    def _write_figure(self, name: str, png: bytes, step: int) -> None:
-        where = PurePosixPath("figures", name)
-        with tempfile.TemporaryDirectory() as tmp:
-            file = Path(tmp, f"{where.name}_step{step}.png")
-            file.write_bytes(png)
-            self._client.log_artifact(self._run_id, str(file), artifact_path=str(where.parent))
-
-
-def _make_sqlite_folder(uri: str) -> None:
-    """sqlite creates the database file but not its folder."""
-    if uri.startswith("sqlite:///") and ":memory:" not in uri:
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-
-
-def _artifact_location(uri: str) -> str | None:
-    """Artifacts of a sqlite store live beside its file; MLflow would put them under the cwd."""
-    if uri.startswith("sqlite:///") and ":memory:" not in uri:
-        return Path(uri.removeprefix("sqlite:///")).resolve().parent.joinpath("mlartifacts").as_uri()
-    return None
+            for done in list(self._pings.values()):
+                done.set()

@@ -1,0 +1,257 @@
+"""The child process that makes every MLflow call for one `MlflowTracker`.
+
+`import mlflow` and a new sqlite store's migration take seconds of pure Python. On a thread of the
+training process they hold the GIL and slow the first steps several times over; in this process they
+cost the trainer nothing. The tracker starts it with `python -m src.tracking.mlflow_worker FD URI`,
+where FD is this end of a socket pair. It opens the store at once (so the migration overlaps the
+trainer's set-up), then serves the messages the tracker sends, in order:
+
+    ("open", experiment, run_name, tags, run_id | None)  -> ("opened", run_id | None, error | None)
+    ("params", {key: value}) / ("artifact", path) / ("figure", name, png, step)
+    ("events", [event, ...])          metric events released by a checkpoint
+    ("resume_events", [event, ...])   a checkpoint's unconfirmed events: those in the store are skipped
+    ("ping", token)                   -> ("pong", token) once everything before it is done
+    ("finish", status | None)         -> ("finished",), then exit
+
+It answers ("confirmed", n) whenever the first n events it was given (counted across messages, oldest
+first) are in the store or found there, and ("warn", text) for anything that went wrong. It ignores
+Ctrl-C (the trainer decides when the run ends) and dies with its parent, so a killed trainer's
+unsent events stay unsent, exactly as a thread's would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import tempfile
+from multiprocessing.connection import Connection
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+# MLflow's own limits (mlflow.utils.validation).
+METRICS_PER_BATCH = 1000
+PARAMS_PER_BATCH = 100
+
+Event = tuple[str, float, int, int]  # (key, value, timestamp in ms, step)
+
+
+class Worker:
+    """Holds the MLflow client and the events not yet confirmed to the tracker."""
+
+    def __init__(self, uri: str, conn: Connection) -> None:
+        self.uri, self.conn = uri, conn
+        self.client: Any = None
+        self.run_id: str | None = None
+        self.status_before: str | None = None  # a reopened run's status, restored by finish(None)
+        # Events in the order the tracker holds them; True marks one the store already has.
+        self.backlog: list[tuple[Event, bool]] = []
+
+    def connect(self) -> None:
+        """Import MLflow and open the store (creating or migrating a sqlite file) before any run is asked for."""
+        from mlflow.tracking import MlflowClient
+
+        for name in ("mlflow", "alembic"):  # set on import; their INFO lines about tables are noise here
+            logging.getLogger(name).setLevel(logging.WARNING)
+        make_sqlite_folder(self.uri)
+        client = MlflowClient(self.uri)
+        client.search_experiments(max_results=1)  # builds the store: the slow part
+        self.client = client
+
+    def serve(self) -> None:
+        while True:
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                return  # the tracker went away without finish(): nothing more to do
+            op, *args = message
+            try:
+                if op == "ping":
+                    self.conn.send(("pong", args[0]))
+                elif op == "open":
+                    self.open(*args)
+                elif op == "finish":
+                    self.finish(args[0])
+                    return
+                elif self.run_id is not None:  # the store could not be opened: drop the rest
+                    getattr(self, op)(*args)
+            except Exception as err:
+                self.warn(f"MLflow: {err} (run {self.run_id}, store {self.uri})")
+                if op == "finish":
+                    return
+
+    def warn(self, text: str) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.send(("warn", text))
+
+    # -- the operations ---------------------------------------------------------------------------
+
+    def open(self, experiment: str, run_name: str, tags: dict[str, str], wanted: str | None) -> None:
+        try:
+            if self.client is None:
+                self.connect()
+            run_id = self.reopen(wanted, tags) if wanted else None
+            if run_id is None:
+                run = self.client.create_run(self.experiment_id(experiment), run_name=run_name, tags=tags)
+                run_id = run.info.run_id
+        except Exception as err:
+            self.conn.send(("opened", None, str(err)))
+            return
+        self.run_id = run_id
+        self.conn.send(("opened", run_id, None))
+
+    def reopen(self, run_id: str, tags: dict[str, str]) -> str | None:
+        """Set the run back to RUNNING; None when the store has no such live run."""
+        from mlflow.entities import RunTag
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as err:
+            self.warn(f"MLflow: cannot reopen run {run_id} ({err}); starting a new run")
+            return None
+        if run.info.lifecycle_stage != "active":
+            self.warn(f"MLflow: run {run_id} was deleted; starting a new run")
+            return None
+        self.status_before = run.info.status
+        self.client.update_run(run_id, status="RUNNING")
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
+        return run_id
+
+    def experiment_id(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            try:
+                return self.client.create_experiment(name, artifact_location=artifact_location(self.uri))
+            except MlflowException:  # another process created it a moment ago
+                experiment = self.client.get_experiment_by_name(name)
+                if experiment is None:
+                    raise
+        if experiment.lifecycle_stage != "active":
+            self.warn(f"MLflow: experiment {name!r} was deleted; restoring it")
+            self.client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+
+    def events(self, events: list[Event]) -> None:
+        self.backlog.extend((tuple(event), False) for event in events)
+        self.drain()
+
+    def resume_events(self, events: list[Event]) -> None:
+        """A resumed checkpoint's events: those that reached the store before the crash are not sent again."""
+        try:
+            stored: dict[str, set[tuple[int, int]]] = {}
+            for key in {event[0] for event in events}:
+                stored[key] = {
+                    (m.step, m.timestamp) for m in self.client.get_metric_history(self.run_id, key)
+                }
+        except Exception as err:  # cannot tell: send them all rather than lose any
+            self.warn(f"MLflow: could not read run {self.run_id}'s metrics back ({err})")
+            stored = {}
+        self.backlog.extend(
+            (tuple(e), (e[3], e[2]) in stored.get(e[0], ()))
+            for e in events  # type: ignore[misc]
+        )
+        self.drain()
+
+    def drain(self) -> None:
+        """Write the backlog oldest first, confirming each written prefix; a failure keeps the rest for later."""
+        from mlflow.entities import Metric
+
+        while self.backlog:
+            end, chunk = 0, []
+            while end < len(self.backlog) and len(chunk) < METRICS_PER_BATCH:
+                event, stored = self.backlog[end]
+                if not stored:
+                    chunk.append(Metric(*event))
+                end += 1
+            if chunk:
+                self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+            del self.backlog[:end]
+            self.conn.send(("confirmed", end))
+
+    def params(self, values: dict[str, str]) -> None:
+        """Log params the run lacks; MLflow refuses to change one, so a changed value is reported."""
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        changed = sorted(k for k, v in values.items() if k in existing and existing[k] != v)
+        if changed:
+            self.warn(f"MLflow keeps the first value of params changed on resume: {', '.join(changed[:10])}")
+        new = [Param(k, v) for k, v in values.items() if k not in existing]
+        for start in range(0, len(new), PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=new[start : start + PARAMS_PER_BATCH], synchronous=True)
+
+    def artifact(self, path: str) -> None:
+        local = Path(path)
+        if local.is_dir():
+            self.client.log_artifacts(self.run_id, str(local), artifact_path=local.name)
+        else:
+            self.client.log_artifact(self.run_id, str(local))
+
+    def figure(self, name: str, png: bytes, step: int) -> None:
+        where = PurePosixPath("figures", name)
+        with tempfile.TemporaryDirectory() as tmp:
+            file = Path(tmp, f"{where.name}_step{step}.png")
+            file.write_bytes(png)
+            self.client.log_artifact(self.run_id, str(file), artifact_path=str(where.parent))
+
+    def finish(self, status: str | None) -> None:
+        if self.run_id is not None:
+            try:
+                self.drain()
+            finally:
+                if status is None:
+                    self.client.update_run(self.run_id, status=self.status_before or "FINISHED")
+                else:
+                    self.client.set_terminated(self.run_id, status)
+        with contextlib.suppress(OSError):
+            self.conn.send(("finished",))
+
+
+def make_sqlite_folder(uri: str) -> None:
+    """sqlite creates the database file but not its folder."""
+    if uri.startswith("sqlite:///") and ":memory:" not in uri:
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a sqlite store live beside its file; MLflow would put them under the cwd."""
+    if uri.startswith("sqlite:///") and ":memory:" not in uri:
+        return Path(uri.removeprefix("sqlite:///")).resolve().parent.joinpath("mlartifacts").as_uri()
+    return None
+
+
+def _die_with_parent(parent: int) -> None:
+    """On Linux the kernel kills this process when the trainer dies, mid-write or not, like a thread."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # it died before the line above took effect
+        os._exit(0)
+
+
+def main(argv: list[str]) -> None:
+    fd, uri, parent = int(argv[1]), argv[2], int(argv[3])
+    _die_with_parent(parent)
+    with contextlib.suppress(OSError):  # background work: on a busy machine the training process goes first
+        os.nice(10)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the trainer, which then ends the run
+    os.dup2(2, 1)  # anything printed goes to stderr, never into the trainer's stdout
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s WARNING %(name)s: %(message)s")
+    worker = Worker(uri, Connection(fd))
+    try:
+        worker.connect()
+    except Exception:
+        worker.client = None  # "open" tries again and reports the error
+    worker.serve()
+
+
+if __name__ == "__main__":
+    main(sys.argv)
