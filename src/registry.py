@@ -114,6 +114,15 @@ def check_arguments(obj: Callable, kwargs: Mapping[str, Any], context: Mapping[s
             raise ConfigError(f"{where} rejected its arguments: '{key}' must be {names}, got {value!r}")
 
 
+def accepts(obj: Any, name: str) -> bool:
+    """Whether a constructor takes the keyword `name` (or any keyword)."""
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 _SIMPLE = (bool, int, float, str)
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from src.config import load_config
-from src.engine.build import build_model, preflight
+from src.engine.build import preflight
+from src.models.build import build_model
 from src.optim import build_optimizer, build_scheduler
 
 BASIC = """
