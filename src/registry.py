@@ -5,22 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from src.arguments import accepts, check_arguments
+from src.arguments import check_arguments
 from src.config.sections import to_plain
 from src.errors import ConfigError, did_you_mean
-
-__all__ = [
-    "DATASET_REGISTRY",
-    "EVALUATOR_REGISTRY",
-    "LOSS_REGISTRY",
-    "LR_SCHEDULER_REGISTRY",
-    "MODEL_REGISTRY",
-    "OPTIMIZER_REGISTRY",
-    "TRANSFORM_REGISTRY",
-    "Registry",
-    "accepts",
-    "check_arguments",
-]
 
 
 class Registry:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from src.arguments import accepts, check_arguments
 from src.config.sections import component_args
 from src.data import dataset_num_classes
 from src.data.split import Split
@@ -29,7 +30,6 @@ from src.evaluators.build import build_evaluator  # re-exported for trainer.py
 from src.models import LOSS_REGISTRY, MODEL_REGISTRY
 from src.models.build import build_model, check_output_size  # re-exported for trainer.py
 from src.models.losses import build_loss  # also re-exported for trainer.py
-from src.registry import accepts
 
 log = logging.getLogger("template")
 
@@ -114,7 +114,7 @@ def preflight(cfg: DictConfig) -> None:
     """Check every component's name and arguments before a result directory exists."""
     from src.data import TRANSFORM_REGISTRY
     from src.optim import LR_SCHEDULER_REGISTRY, OPTIMIZER_REGISTRY
-    from src.registry import DATASET_REGISTRY, check_arguments
+    from src.registry import DATASET_REGISTRY
 
     checks = [
         (MODEL_REGISTRY, "model", {"num_classes"}),

@@ -6,9 +6,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from src.arguments import accepts
 from src.config.sections import component_args
 from src.errors import ConfigError
-from src.registry import EVALUATOR_REGISTRY, accepts
+from src.registry import EVALUATOR_REGISTRY
 
 
 def build_evaluator(cfg: DictConfig, num_classes: int | None) -> Any:

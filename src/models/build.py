@@ -8,9 +8,10 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from src.arguments import accepts
 from src.config.sections import component_args
 from src.errors import ConfigError
-from src.registry import MODEL_REGISTRY, accepts
+from src.registry import MODEL_REGISTRY
 
 
 def build_model(cfg: DictConfig, num_classes: int | None) -> nn.Module:
