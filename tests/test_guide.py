@@ -1,6 +1,7 @@
 """The training guide works as written: each of its commands and YAML blocks runs and does what it says.
 
-Every YAML block is copied here verbatim, written to a file and run with `python train.py <file>`;
+Every YAML block (held verbatim in tests/guide_blocks.py) is written to a file and run with
+`python train.py <file>`;
 every shell command is run with bash exactly as printed (`./torchrun.sh 4|8` becomes 2 processes,
 `python` is this interpreter, placeholder paths become a real run). Only small-data settings are
 appended (tiny synthetic images, few epochs, CPU, no MLflow/TensorBoard unless they are the point);
