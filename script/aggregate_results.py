@@ -23,8 +23,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.config.sections import flatten as flat_keys
-
 MAIN_SETTINGS = [
     "model.name",
     "dataset.name",
@@ -70,6 +68,8 @@ def checkpoints(run: Path) -> list[Path]:
 # ---------------------------------------------------------------------- one row per run
 def flatten(node: Any) -> dict[str, Any]:
     """A run's settings as flat columns; lists become JSON text so they fit one cell."""
+    from src.config.sections import flatten as flat_keys
+
     flat = flat_keys(node, keep_empty=False) if isinstance(node, dict) else {"": node}
     return {k: json.dumps(v) if isinstance(v, list) else v for k, v in flat.items()}
 
