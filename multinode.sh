@@ -11,52 +11,31 @@
 # Environment: MAX_RESTARTS (default 0), OMP_NUM_THREADS (default: cores / NPROC), PYTHON.
 set -euo pipefail
 
-usage() {
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2
-    exit 2
-}
+source "$(dirname "${BASH_SOURCE[0]}")/script/launch_common.sh"
 
-opts=()
-while [[ $# -gt 0 && "$1" == --* ]]; do
-    [[ "$1" == "--help" ]] && usage
-    opts+=("$1")
-    shift
-done
+split_options "$@"
+set -- ${rest[@]+"${rest[@]}"}
 [[ $# -ge 6 ]] || usage
 nnodes="$1" procs="$2" job_id="$3" node_rank="$4" endpoint="$5"
 shift 5
-for pair in "NNODES:$nnodes" "NPROC:$procs"; do
-    [[ "${pair#*:}" =~ ^[1-9][0-9]*$ ]] || { echo "multinode.sh: ${pair%%:*} must be a positive number, got '${pair#*:}'" >&2; exit 2; }
-done
+positive NNODES "$nnodes"
+positive NPROC "$procs"
 [[ "$node_rank" =~ ^[0-9]+$ && "$node_rank" -lt "$nnodes" ]] \
     || { echo "multinode.sh: NODE_RANK must be 0..$((nnodes - 1)), got '$node_rank'" >&2; exit 2; }
 [[ "$endpoint" == *:* ]] || { echo "multinode.sh: HOST:PORT expected, got '$endpoint'" >&2; exit 2; }
 
-python="${PYTHON:-$(command -v python || command -v python3 || true)}"
-[[ -n "$python" ]] || { echo "${0##*/}: no python on PATH; set PYTHON=/path/to/python" >&2; exit 2; }
-if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
-    cores="$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)"
-    threads=$((cores / procs))
-    export OMP_NUM_THREADS=$((threads > 0 ? threads : 1))
-fi
+find_python
+share_cores "$procs"
 is_host=false
 [[ "$node_rank" == 0 ]] && is_host=true
 
 # Global ranks are handed out by the rendezvous, so the node holding rank 0 (the one that writes the
 # result directory) need not be node 0: keep `output` on a file system every node sees.
-# A config error is answered here, once, before any worker starts (no torch import: well under a second).
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
-"$python" -m src.engine.precheck "$@" || exit $?
-
-# torchrun itself; a worker's configuration error (exit 2) ends the job with exit 2 and no traceback.
-exec "$python" -m src.engine.launch \
+run_torchrun \
     --nnodes="$nnodes" \
     --nproc-per-node="$procs" \
     --rdzv-backend=c10d \
     --rdzv-id="$job_id" \
     --rdzv-endpoint="$endpoint" \
     --rdzv-conf="is_host=$is_host" \
-    --max-restarts="${MAX_RESTARTS:-0}" \
-    ${opts[@]+"${opts[@]}"} \
-    "$@"
+    -- "$@"

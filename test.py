@@ -3,23 +3,15 @@
 
 import sys
 
-from src.engine.cli import check_test_input, parse, run_cli
+from src.engine import cli
 
 
-def main() -> int:
-    args = parse(sys.argv[1:], "test.py", __doc__, with_checkpoint=True)
+def evaluate_run(args, cfg) -> int:
+    cli.check_test_input(args.config, cfg, args.checkpoint)
+    from src.engine.run import test_main
 
-    def go() -> int:
-        from src.config import load_config
-
-        cfg = load_config(args.config, args.overrides)  # a configuration error answers before torch loads
-        check_test_input(args.config, cfg, args.checkpoint)
-        from src.engine.run import test_main
-
-        return test_main(args.config, args.overrides, args.checkpoint, cfg=cfg)
-
-    return run_cli(go, args.traceback)
+    return test_main(args.config, args.overrides, args.checkpoint, cfg=cfg)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.main("test.py", __doc__, evaluate_run, with_checkpoint=True))

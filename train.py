@@ -2,22 +2,14 @@
 
 import sys
 
-from src.engine.cli import parse, run_cli
+from src.engine import cli
 
 
-def main() -> int:
-    args = parse(sys.argv[1:], "train.py", __doc__)
+def train(args, cfg) -> int:
+    from src.engine.run import train_main
 
-    def go() -> int:
-        from src.config import load_config
-
-        cfg = load_config(args.config, args.overrides)  # a configuration error answers before torch loads
-        from src.engine.run import train_main
-
-        return train_main(args.config, args.overrides, cfg=cfg)
-
-    return run_cli(go, args.traceback)
+    return train_main(args.config, args.overrides, cfg=cfg)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.main("train.py", __doc__, train))

@@ -66,13 +66,12 @@ def checkpoints(run: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------------- one row per run
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: json.dumps(node) if isinstance(node, list) else node}
+def flatten(node: Any) -> dict[str, Any]:
+    """A run's settings as flat columns; lists become JSON text so they fit one cell."""
+    from src.config.sections import flatten as flat_keys
+
+    flat = flat_keys(node, keep_empty=False) if isinstance(node, dict) else {"": node}
+    return {k: json.dumps(v) if isinstance(v, list) else v for k, v in flat.items()}
 
 
 def settings(run: Path) -> dict[str, Any]:

@@ -21,6 +21,7 @@ def main() -> int:
     from omegaconf import OmegaConf
 
     from src.config import load_config_with_sources
+    from src.config.sections import flatten, to_plain
     from src.errors import ConfigError
 
     try:
@@ -31,21 +32,11 @@ def main() -> int:
     if not args.sources:
         print(OmegaConf.to_yaml(cfg, resolve=True), end="")
         return 0
-    flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    flat = flatten(to_plain(cfg))
     width = max(len(k) for k in flat)
     for key, value in flat.items():
         print(f"{key.ljust(width)}  {value!s:<30}  # {sources.get(key, 'default')}")
     return 0
-
-
-def _flatten(node, prefix=""):
-    out = {}
-    for key, value in node.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 if __name__ == "__main__":

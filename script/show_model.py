@@ -61,8 +61,9 @@ def main() -> int:
 
     import src  # noqa: F401  (registers the built-in components)
     from src.config import load_config
-    from src.engine.build import build_model, import_user_modules
+    from src.engine.build import import_user_modules
     from src.errors import TemplateError
+    from src.models.build import build_model
 
     try:
         cfg = load_config(args.config, args.overrides)

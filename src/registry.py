@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from src.arguments import check_arguments
+from src.config.sections import to_plain
 from src.errors import ConfigError, did_you_mean
 
 
@@ -47,7 +47,7 @@ class Registry:
         The section's keys are checked against the constructor's signature first, so a typo is
         reported by name instead of as a TypeError deep inside the constructor.
         """
-        kwargs = _plain(section)
+        kwargs = to_plain(section)
         if isinstance(kwargs, str):
             kwargs = {"name": kwargs}
         if not isinstance(kwargs, dict) or not kwargs.get("name"):
@@ -74,84 +74,6 @@ class Registry:
 
     def __repr__(self) -> str:
         return f"Registry({self.name!r}, {len(self)} entries)"
-
-
-def check_arguments(obj: Callable, kwargs: Mapping[str, Any], context: Mapping[str, Any], where: str) -> None:
-    """Refuse unknown, missing and plainly mistyped keyword arguments before calling `obj`."""
-    try:
-        sig = inspect.signature(obj)
-    except (TypeError, ValueError):  # some builtins have no signature: let the call speak
-        return
-    with contextlib.suppress(Exception):  # resolve `from __future__ import annotations` strings
-        sig = inspect.signature(obj, eval_str=True)
-    params = sig.parameters
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    if not takes_any:
-        for key in kwargs:
-            if key not in named:
-                accepted = sorted(named - set(context))
-                raise ConfigError(
-                    f"{where} has no argument '{key}'{did_you_mean(str(key), accepted)}; "
-                    f"it accepts: {', '.join(accepted) or 'nothing'}"
-                )
-    missing = [
-        n
-        for n, p in params.items()
-        if p.default is p.empty
-        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        and n not in kwargs
-        and n not in context
-    ]
-    if missing:
-        raise ConfigError(
-            f"{where} needs the argument(s) {', '.join(missing)}; add them to its config section"
-        )
-    for key, value in kwargs.items():
-        expected = _simple_kinds(params[key].annotation) if key in params else None
-        if expected and value is not None and not _fits(value, expected):
-            names = " or ".join(k.__name__ for k in expected)
-            raise ConfigError(f"{where} rejected its arguments: '{key}' must be {names}, got {value!r}")
-
-
-_SIMPLE = (bool, int, float, str)
-
-
-def _simple_kinds(annotation: Any) -> tuple[type, ...] | None:
-    """The plain types an annotation allows (int, `float | None`, ...), or None when it is anything richer."""
-    import types
-    import typing
-
-    if annotation in _SIMPLE:
-        return (annotation,)
-    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
-        return None
-    args = typing.get_args(annotation)
-    if all(a in _SIMPLE or a is type(None) for a in args):
-        return tuple(a for a in args if a is not type(None))
-    return None
-
-
-def _fits(value: Any, kinds: tuple[type, ...]) -> bool:
-    """Only plain mistakes count (text for a number, a list for a flag): anything else is left to the call."""
-    if isinstance(value, bool):
-        return True  # flags given to numbers stay the constructor's business
-    if isinstance(value, (int, float)):
-        return any(k in (int, float, bool) for k in kinds) or str in kinds
-    if isinstance(value, str):
-        return str in kinds
-    return False  # a list or mapping where a plain value belongs
-
-
-def _plain(section: Any) -> Any:
-    """A plain dict/str from an OmegaConf node or a mapping, without importing OmegaConf eagerly."""
-    if hasattr(section, "_metadata"):  # an OmegaConf DictConfig
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(section, resolve=True)
-    if isinstance(section, Mapping):
-        return dict(section)
-    return section
 
 
 MODEL_REGISTRY = Registry("model")

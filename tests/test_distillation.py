@@ -11,8 +11,8 @@ import torch
 from omegaconf import OmegaConf
 
 import src  # noqa: F401
-from src.engine.build import build_model
 from src.engine.distillation import Distiller
+from src.models.build import build_model
 from src.registry import DATASET_REGISTRY
 from tests.helpers import explain, only_run_dir, run_script, start_script, state_differences
 

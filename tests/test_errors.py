@@ -233,7 +233,7 @@ def test_model_output_size_not_matching_the_classes(tmp_path):
 
 def test_model_that_cannot_take_the_inputs():
     from src.data import build_dataset
-    from src.engine.build import build_model, check_output_size
+    from src.models.build import build_model, check_output_size
 
     cfg = load_config(ROOT / DUMMY, ["dataset.input_shape=[1,16,16]"])
     dataset = build_dataset(cfg.dataset, split="val", transform=None)

@@ -16,8 +16,8 @@ import torch
 from omegaconf import OmegaConf
 
 import src  # noqa: F401  (registers the built-in components)
-from src.engine.build import build_model
 from src.errors import ConfigError
+from src.models.build import build_model
 from src.models.freezing import freeze, plan_unfreezing
 from src.optim import build_optimizer, build_scheduler
 from src.optim.param_groups import add_group, mark_base_lrs

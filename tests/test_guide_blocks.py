@@ -6,101 +6,21 @@ import pytest
 import torch
 
 from src.config import load_config
-from src.engine.build import build_model, preflight
+from src.engine.build import preflight
+from src.models.build import build_model
 from src.optim import build_optimizer, build_scheduler
+from tests.guide_blocks import (
+    BASIC_SETUP,
+    COMMON_SCHEDULERS,
+    OPTIMIZER_SELECTION,
+    SCHEDULE_FREE,
+    WARMUP_SCHEDULE,
+    alternatives,
+)
 
-BASIC = """
-# config/my_experiment.yaml
-dataset: my_dataset
-model: resnet50
-batch: 32
-epoch: 100
-
-optimizer:
-  name: AdamW
-  lr: 0.001
-  weight_decay: 0.01
-
-lr_scheduler:
-  name: CosineAnnealingWarmRestarts
-  T_0: 10
-  T_mult: 2
-
-gpu:
-  use: "0"
-  mixed_precision: true
-"""
-
-OPTIMIZERS = [
-    """
-# AdamW (recommended for most cases)
-optimizer:
-  name: AdamW
-  lr: 0.001
-  weight_decay: 0.01
-  betas: [0.9, 0.999]
-""",
-    """
-# SGD with momentum (for some computer vision tasks)
-optimizer:
-  name: SGD
-  lr: 0.1
-  momentum: 0.9
-  weight_decay: 1e-4
-""",
-    """
-# Lion optimizer (new, efficient)
-optimizer:
-  name: Lion
-  lr: 1e-4
-  betas: [0.9, 0.99]
-  weight_decay: 0.01
-""",
-    """
-# AdamW Schedule-Free (no LR scheduler needed)
-optimizer:
-  name: AdamWScheduleFree
-  lr: 0.001
-  betas: [0.9, 0.999]
-  weight_decay: 0.01
-  warmup_steps: 1000
-""",
-]
-
-SCHEDULERS = [
-    """
-# Cosine annealing with warm restarts
-lr_scheduler:
-  name: CosineAnnealingWarmRestarts
-  T_0: 10
-  T_mult: 2
-  eta_min: 1e-6
-""",
-    """
-# Step LR with decay
-lr_scheduler:
-  name: StepLR
-  step_size: 30
-  gamma: 0.1
-""",
-    """
-# Reduce on plateau
-lr_scheduler:
-  name: ReduceLROnPlateau
-  mode: "min"
-  factor: 0.5
-  patience: 10
-""",
-    """
-lr_scheduler:
-  name: CosineAnnealingWarmupReduceRestarts
-  T_0: 50
-  T_mult: 2
-  eta_min: 1e-6
-  T_up: 10      # Warmup epochs
-  gamma: 0.5    # Restart decay factor
-""",
-]
+# The guide's blocks that list alternatives are run one alternative at a time.
+OPTIMIZERS = [*alternatives(OPTIMIZER_SELECTION), SCHEDULE_FREE]
+SCHEDULERS = [*alternatives(COMMON_SCHEDULERS), WARMUP_SCHEDULE]
 
 MY_DATASET = textwrap.dedent(
     """
@@ -135,7 +55,7 @@ def test_basic_training_setup_block(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     import guide_user_pkg  # noqa: F401  (registers my_dataset, as `imports:` would)
 
-    cfg = load_block(tmp_path, BASIC)
+    cfg = load_block(tmp_path, BASIC_SETUP)
     assert (cfg.dataset.name, cfg.model.name, cfg.batch, cfg.epoch) == ("my_dataset", "resnet50", 32, 100)
     assert cfg.gpu.mixed_precision is True and cfg.gpu.use == "0"
     preflight(cfg)

@@ -20,6 +20,13 @@ from src.optim import (
     is_schedule_free,
     set_optimizer_mode,
 )
+from tests.guide_blocks import (
+    COMMON_SCHEDULERS,
+    OPTIMIZER_SELECTION,
+    SCHEDULE_FREE,
+    WARMUP_SCHEDULE,
+)
+from tests.guide_blocks import alternatives as guide_alternatives
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -406,79 +413,14 @@ def test_resuming_one_cycle_with_more_epochs_does_not_overrun():
 
 # ------------------------------------------------------- the guide's YAML blocks
 
-GUIDE_OPTIMIZER_SELECTION = """\
-# AdamW (recommended for most cases)
-optimizer:
-  name: AdamW
-  lr: 0.001
-  weight_decay: 0.01
-  betas: [0.9, 0.999]
-
-# SGD with momentum (for some computer vision tasks)
-optimizer:
-  name: SGD
-  lr: 0.1
-  momentum: 0.9
-  weight_decay: 1e-4
-
-# Lion optimizer (new, efficient)
-optimizer:
-  name: Lion
-  lr: 1e-4
-  betas: [0.9, 0.99]
-  weight_decay: 0.01
-"""
-
-GUIDE_SCHEDULE_FREE = """\
-# AdamW Schedule-Free (no LR scheduler needed)
-optimizer:
-  name: AdamWScheduleFree
-  lr: 0.001
-  betas: [0.9, 0.999]
-  weight_decay: 0.01
-  warmup_steps: 1000
-"""
-
-GUIDE_COMMON_SCHEDULERS = """\
-# Cosine annealing with warm restarts
-lr_scheduler:
-  name: CosineAnnealingWarmRestarts
-  T_0: 10
-  T_mult: 2
-  eta_min: 1e-6
-
-# Step LR with decay
-lr_scheduler:
-  name: StepLR
-  step_size: 30
-  gamma: 0.1
-
-# Reduce on plateau
-lr_scheduler:
-  name: ReduceLROnPlateau
-  mode: "min"
-  factor: 0.5
-  patience: 10
-"""
-
-GUIDE_CUSTOM_WARMUP = """\
-lr_scheduler:
-  name: CosineAnnealingWarmupReduceRestarts
-  T_0: 50
-  T_mult: 2
-  eta_min: 1e-6
-  T_up: 10      # Warmup epochs
-  gamma: 0.5    # Restart decay factor
-"""
-
 
 def alternatives(block: str) -> list:
-    """The guide lists alternatives for one section in a single block, separated by blank lines."""
-    return [OmegaConf.create(part) for part in block.split("\n\n")]
+    """Each alternative of a guide block that lists several, as a config."""
+    return [OmegaConf.create(part) for part in guide_alternatives(block)]
 
 
 def test_guide_optimizer_blocks_build():
-    blocks = alternatives(GUIDE_OPTIMIZER_SELECTION) + alternatives(GUIDE_SCHEDULE_FREE)
+    blocks = alternatives(OPTIMIZER_SELECTION) + alternatives(SCHEDULE_FREE)
     built = [build_optimizer(cfg.optimizer, tiny_model()) for cfg in blocks]
     assert [type(o).__name__ for o in built] == ["AdamW", "SGD", "Lion", "AdamWScheduleFree"]
     assert built[1].param_groups[0]["weight_decay"] == 1e-4
@@ -487,7 +429,7 @@ def test_guide_optimizer_blocks_build():
 
 
 def test_guide_scheduler_blocks_build():
-    blocks = alternatives(GUIDE_COMMON_SCHEDULERS) + alternatives(GUIDE_CUSTOM_WARMUP)
+    blocks = alternatives(COMMON_SCHEDULERS) + alternatives(WARMUP_SCHEDULE)
     names = []
     for cfg in blocks:
         optimizer = sgd(lr=0.1)

@@ -16,9 +16,10 @@ from torch import nn
 
 from src.config import load_config
 from src.data.datasets import SyntheticClassification, build_dataset, stratified_counts
-from src.engine.build import build_model, build_split
+from src.engine.build import build_split
 from src.engine.distributed import DistContext
 from src.engine.precision import peak_tflops
+from src.models.build import build_model
 from tests.helpers import ROOT, TINY, explain, only_run_dir, read_metrics, run_script
 
 DUMMY = "config/dummy.yaml"

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from src.arguments import NO_FIT, conform
 from src.config.schema import (
     ALIASES,
     CHOICES,
@@ -327,50 +328,13 @@ def _check_types(node: dict[str, Any], cls: type, prefix: str, sources: dict[str
         if dataclasses.is_dataclass(hint):
             _check_types(value, hint, name + ".", sources)
             continue
-        fixed = _coerce(value, hint)
-        if fixed is _BAD:
+        fixed = conform(value, hint, "coerce")  # made to fit where that is lossless (1 -> 1.0, 16 -> "16")
+        if fixed is NO_FIT:
             expected = _type_name(hint)
             raise ConfigError(
                 f"'{name}' must be {expected}, got {value!r} (from {sources.get(name, 'default')})"
             )
         node[key] = fixed
-
-
-_BAD = object()
-
-
-def _coerce(value: Any, hint: Any) -> Any:
-    """`value` made to fit `hint` where that is lossless (1 -> 1.0, 16 -> "16"), else _BAD."""
-    args = typing.get_args(hint)
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return value
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is not type(None):
-                fixed = _coerce(value, arg)
-                if fixed is not _BAD:
-                    return fixed
-        return _BAD
-    if origin is list:
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        if isinstance(value, str):  # `imports=mypkg` or `evaluation.metrics=accuracy`
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return _BAD
-    if origin is dict:
-        return value if isinstance(value, dict) else _BAD
-    if hint is bool:
-        return value if isinstance(value, bool) else _BAD
-    if hint is int:
-        return value if isinstance(value, int) and not isinstance(value, bool) else _BAD
-    if hint is float:
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _BAD
-    if hint is str:
-        return str(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else _BAD
-    return value
 
 
 def _type_name(hint: Any) -> str:

@@ -14,6 +14,7 @@ from src.data.datasets import (
 )
 from src.data.loader import build_loader, seed_worker
 from src.data.sampler import ResumableSampler
+from src.data.split import Split, build_split, transforms_for
 from src.data.transforms import EnsureFloat, build_transforms, split_transforms
 from src.registry import DATASET_REGISTRY, TRANSFORM_REGISTRY
 
@@ -28,12 +29,15 @@ __all__ = [
     "ImageFolder",
     "LabeledSubset",
     "ResumableSampler",
+    "Split",
     "SyntheticClassification",
     "build_dataset",
     "build_loader",
+    "build_split",
     "build_transforms",
     "dataset_num_classes",
     "seed_worker",
     "split_transforms",
     "stratified_indices",
+    "transforms_for",
 ]

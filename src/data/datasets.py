@@ -20,7 +20,8 @@ import torch.nn.functional as F
 import torchvision.datasets as tvd
 from torch.utils.data import Dataset, Subset
 
-from src.data.transforms import SPLITS, EnsureFloat, to_container
+from src.config.sections import to_plain
+from src.data.transforms import SPLITS, EnsureFloat
 from src.errors import ConfigError, RunError
 from src.registry import DATASET_REGISTRY
 
@@ -317,7 +318,7 @@ def stratified_indices(targets: Sequence[int] | torch.Tensor, fraction: float, s
 
 def build_dataset(section: Mapping[str, Any] | str, split: str, transform: Callable | None) -> Dataset:
     """The configured dataset for one split, cut to `subsample` of every class when below 1."""
-    section = to_container(section)
+    section = to_plain(section)
     section = {"name": section} if isinstance(section, str) else dict(section)
     fraction = float(section.pop("subsample", 1.0))
     if not 0.0 < fraction <= 1.0:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torchvision.transforms import v2
 
+from src.config.sections import to_plain
 from src.errors import ConfigError, did_you_mean
 from src.registry import TRANSFORM_REGISTRY
 
@@ -22,15 +23,6 @@ def _register_torchvision() -> None:
 
 
 _register_torchvision()
-
-
-def to_container(node: Any) -> Any:
-    """Plain dicts/lists from OmegaConf nodes, so config values compare and copy like Python ones."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(node, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(node, resolve=True)
-    return node
 
 
 def _dtype(value: Any, where: str) -> Any:
@@ -74,7 +66,7 @@ def _build_one(item: Any) -> Callable:
 
 def build_transforms(items: list | None) -> Callable | None:
     """One split's pipeline; each item is a name or {name: ..., **kwargs}. None when there is none."""
-    items = to_container(items)
+    items = to_plain(items)
     if not items:
         return None
     if not isinstance(items, list):
@@ -84,7 +76,7 @@ def build_transforms(items: list | None) -> Callable | None:
 
 def split_transforms(section: Mapping | None) -> dict[str, Callable | None]:
     """The `transform:` section as one pipeline per split; a missing or null test list reuses val."""
-    section = to_container(section) or {}
+    section = to_plain(section) or {}
     for key in section:
         if key not in SPLITS:
             raise ConfigError(

@@ -83,13 +83,13 @@ def recompute_batchnorm(
 
 def recompute_loader(dataset: Any, cfg: Any, ctx: Any) -> Any:
     """A fixed random sample of the train split (the same every epoch, own generator), as this process's share."""
+    from src.config.sections import to_plain
     from src.data import ResumableSampler, build_loader
-    from src.data.transforms import to_container
 
     sampler = ResumableSampler(
         len(dataset), shuffle=True, seed=int(cfg.seed), rank=ctx.rank, world_size=ctx.world_size
     )
-    loader_cfg = {**dict(to_container(cfg.dataloader) or {}), "persistent_workers": False, "drop_last": False}
+    loader_cfg = {**dict(to_plain(cfg.dataloader) or {}), "persistent_workers": False, "drop_last": False}
     return build_loader(
         dataset, int(cfg.batch), sampler, loader_cfg, seed=int(cfg.seed), device_type=ctx.device.type
     )

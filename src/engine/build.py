@@ -1,4 +1,9 @@
-"""Build a run's parts from its config: data, model, loss, evaluator, optimizer, schedule."""
+"""What building a run needs beyond each package's own builder: user modules, the class count, preflight.
+
+Each package builds its own parts (src.models, src.data, src.evaluators, src.optim); this module
+imports the user's modules first, settles the class count that model and evaluator share, and checks
+every section before a result directory exists.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +11,30 @@ import importlib
 import logging
 import sys
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torch import nn
 
-from src.config.schema import TEMPLATE_KEYS
-from src.data import ResumableSampler, build_dataset, build_loader, dataset_num_classes, split_transforms
-from src.data.transforms import to_container
+from src.arguments import accepts, check_arguments
+from src.config.sections import component_args
+from src.data import dataset_num_classes
+from src.data.split import Split
+from src.data.split import build_split as data_split
+from src.data.split import transforms_for as build_transforms  # re-exported for trainer.py
 from src.engine.distributed import DistContext
 from src.errors import ConfigError
 from src.evaluators import EVALUATOR_REGISTRY
+from src.evaluators.build import build_evaluator  # re-exported for trainer.py
 from src.models import LOSS_REGISTRY, MODEL_REGISTRY
+from src.models.build import build_model, check_output_size  # re-exported for trainer.py
+from src.models.losses import build_loss  # also re-exported for trainer.py
 
 log = logging.getLogger("template")
+
+# trainer.py still imports these from here; their homes are the packages above.
+__all__ = ["build_evaluator", "build_loss", "build_model", "build_transforms", "check_output_size"]
 
 
 def import_user_modules(modules: list[str]) -> None:
@@ -59,104 +71,17 @@ def _import_error(name: str, err: Exception) -> ConfigError:
     return ConfigError(f"imports: module '{name}' failed to import: {type(err).__name__}: {err}{where}")
 
 
-def component_args(section: DictConfig | dict, kind: str) -> dict[str, Any]:
-    """A component section without the keys the template consumes itself."""
-    from omegaconf import OmegaConf
-
-    plain = (
-        OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
-    )
-    return {k: v for k, v in plain.items() if k not in TEMPLATE_KEYS[kind]}
-
-
-@dataclass
-class Split:
-    dataset: Any
-    sampler: ResumableSampler
-    loader: torch.utils.data.DataLoader
-    generator: torch.Generator | None
-
-
 def build_split(cfg: DictConfig, split: str, ctx: DistContext, shuffle: bool, transforms: dict) -> Split:
-    dataset = build_dataset(cfg.dataset, split=split, transform=transforms.get(split))
-    if len(dataset) == 0:
-        from src.errors import RunError
-
-        raise RunError(
-            f"dataset '{cfg.dataset.name}' has no samples in its {split} split; check where it reads from "
-            "(dataset.root) and its size settings"
-        )
-    sampler = ResumableSampler(
-        len(dataset), shuffle=shuffle, seed=int(cfg.seed), rank=ctx.rank, world_size=ctx.world_size
+    """src.data's `build_split` for this process: its rank, the job's size and its device."""
+    return data_split(
+        cfg,
+        split,
+        shuffle=shuffle,
+        transforms=transforms,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        device_type=ctx.device.type,
     )
-    loader_cfg = dict(to_container(cfg.dataloader) or {})
-    if split != "train":  # drop_last is for training only: evaluation sees every sample once
-        loader_cfg["drop_last"] = False
-    if shuffle:  # training: random augmentation is a function of (seed, epoch, index), see src/data/seeded.py
-        from src.data.seeded import EpochIndexSampler, SeededItems
-
-        items, order = SeededItems(dataset, int(cfg.seed)), EpochIndexSampler(sampler)
-    else:
-        items, order = dataset, sampler
-    loader = build_loader(
-        items, int(cfg.batch), order, loader_cfg, seed=int(cfg.seed), device_type=ctx.device.type
-    )
-    return Split(dataset, sampler, loader, getattr(loader, "generator", None))
-
-
-def build_transforms(cfg: DictConfig) -> dict:
-    return split_transforms(cfg.get("transform"))
-
-
-def build_model(cfg: DictConfig, num_classes: int | None) -> nn.Module:
-    args = component_args(cfg.model, "model")
-    if (
-        num_classes is not None
-        and "num_classes" not in args
-        and accepts(MODEL_REGISTRY.get(args["name"]), "num_classes")
-    ):
-        args["num_classes"] = num_classes
-    model = MODEL_REGISTRY.build(args)
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model '{args['name']}' did not build an nn.Module (got {type(model).__name__})")
-    privacy = (cfg.get("training") or {}).get("privacy")
-    if privacy is not None and privacy.get("enabled"):
-        from src.engine.privacy import private_model
-
-        model = private_model(model, bool(privacy.get("fix_model", False)))
-    if cfg.model.get("freeze"):
-        from src.models.freezing import freeze
-
-        freeze(model, cfg.model.freeze)
-    return model
-
-
-def build_loss(cfg: DictConfig) -> Any:
-    return LOSS_REGISTRY.build(component_args(cfg.loss, "loss"))
-
-
-def build_evaluator(cfg: DictConfig, num_classes: int | None) -> Any:
-    args = component_args(cfg.evaluator, "evaluator")
-    if args.get("name") == "classification_evaluator" and "num_classes" not in args:
-        if num_classes is None:
-            raise ConfigError(
-                "evaluator.num_classes is needed: the dataset does not say how many classes it has"
-            )
-        args["num_classes"] = num_classes
-    if accepts(EVALUATOR_REGISTRY.get(args["name"]), "metrics"):
-        return EVALUATOR_REGISTRY.build(args, metrics=list(cfg.evaluation.metrics))
-    return EVALUATOR_REGISTRY.build(args)
-
-
-def accepts(obj: Any, name: str) -> bool:
-    """Whether a constructor takes the keyword `name` (or any keyword)."""
-    import inspect
-
-    try:
-        params = inspect.signature(obj).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def num_classes_of(cfg: DictConfig, dataset: Any) -> int | None:
@@ -185,39 +110,11 @@ def require_num_classes(cfg: DictConfig, num_classes: int | None) -> None:
         )
 
 
-def check_output_size(
-    cfg: DictConfig, model: nn.Module, dataset: Any, num_classes: int | None, device: torch.device
-) -> None:
-    """Catch a classifier head that does not match the dataset before the first step, not mid-epoch."""
-    if num_classes is None:
-        return
-    sample, _ = dataset[0] if isinstance(dataset[0], (tuple, list)) else (None, None)
-    if not isinstance(sample, torch.Tensor):
-        return
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(sample.unsqueeze(0).to(device))
-    except RuntimeError as err:  # shapes that do not fit: say so now, in one line
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(
-            f"model '{cfg.model.name}' cannot take the inputs of dataset '{cfg.dataset.name}' "
-            f"(one item has shape {tuple(sample.shape)}): {reason}; match the model's input arguments to the data"
-        ) from None
-    model.train(was)
-    if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] != num_classes:
-        raise ConfigError(
-            f"model '{cfg.model.name}' outputs {out.shape[1]} classes but dataset '{cfg.dataset.name}' "
-            f"has {num_classes}; set model.num_classes={num_classes}"
-        )
-
-
 def preflight(cfg: DictConfig) -> None:
     """Check every component's name and arguments before a result directory exists."""
     from src.data import TRANSFORM_REGISTRY
     from src.optim import LR_SCHEDULER_REGISTRY, OPTIMIZER_REGISTRY
-    from src.registry import DATASET_REGISTRY, check_arguments
+    from src.registry import DATASET_REGISTRY
 
     checks = [
         (MODEL_REGISTRY, "model", {"num_classes"}),

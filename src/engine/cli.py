@@ -7,6 +7,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from typing import Any
 
 
 def parse(argv: list[str], prog: str, description: str, with_checkpoint: bool = False) -> argparse.Namespace:
@@ -56,6 +57,24 @@ def check_test_input(config: str, cfg: object, checkpoint: str | None) -> None:
             f"{config} is an experiment config, not a run's: pass result/<...>/config.yaml, or add "
             "--checkpoint <file.pth> to evaluate that checkpoint with this config"
         )
+
+
+def main(
+    script: str,
+    doc: str | None,
+    entry: Callable[[argparse.Namespace, Any], int],
+    with_checkpoint: bool = False,
+    argv: list[str] | None = None,
+) -> int:
+    """train.py's and test.py's whole front: parse, load the config (errors answer before torch loads), run."""
+    args = parse(sys.argv[1:] if argv is None else argv, script, doc or "", with_checkpoint=with_checkpoint)
+
+    def go() -> int:
+        from src.config import load_config
+
+        return entry(args, load_config(args.config, args.overrides))
+
+    return run_cli(go, args.traceback)
 
 
 def run_cli(main: Callable[[], int], show_traceback: bool) -> int:

@@ -22,23 +22,14 @@ from omegaconf import DictConfig
 from torch import nn
 
 from src.errors import ConfigError
+from src.models.private import opacus as _opacus
 
 log = logging.getLogger("template")
-
-INSTALL = 'training.privacy needs Opacus, which is not installed: pip install -e ".[privacy]"'
 
 
 def privacy_enabled(cfg: DictConfig) -> bool:
     section = (cfg.get("training") or {}).get("privacy")
     return bool(section is not None and section.get("enabled", False))
-
-
-def _opacus() -> Any:
-    try:
-        import opacus
-    except ImportError as err:
-        raise ConfigError(INSTALL) from err
-    return opacus
 
 
 def check_privacy(cfg: DictConfig, model: nn.Module | None = None) -> None:
@@ -91,19 +82,6 @@ def validate_model(model: nn.Module) -> None:
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ConfigError(f"training.privacy: Opacus cannot train this model: {errors[0]}")
-
-
-def private_model(model: nn.Module, fix: bool) -> nn.Module:
-    """What build_model does to every model of a private run, so test.py and teachers build the same one."""
-    if fix:
-        _opacus()
-        from opacus.validators import ModuleValidator
-
-        model = ModuleValidator.fix(model)  # BatchNorm -> GroupNorm, same parameter names
-    for module in model.modules():  # in-place activations clash with Opacus's backward hooks
-        if getattr(module, "inplace", False) is True:
-            module.inplace = False
-    return model
 
 
 @dataclass

@@ -27,10 +27,10 @@ from src.engine.run_dir import (
     save_config,
 )
 from src.engine.tester import run_test
-from src.engine.trackers import experiment_name, resolve_uri
 from src.engine.trainer import Trainer, find_resume_state
 from src.errors import ConfigError, RunError, TemplateError
 from src.tracking import setup_logging
+from src.tracking.start import experiment_name, resolve_uri
 
 log = logging.getLogger("template")
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from src.config.sections import flatten, to_plain
 from src.errors import ConfigError
 
 # Settings that may change when a run is resumed: they do not alter what the run computes.
@@ -98,8 +99,8 @@ def resume_command(run_dir: Path | str) -> str:
 
 def config_changes(saved: DictConfig, current: DictConfig) -> list[tuple[str, Any, Any]]:
     """(key, saved value, new value) for every leaf that differs."""
-    a = _flatten(OmegaConf.to_container(saved, resolve=True))
-    b = _flatten(OmegaConf.to_container(current, resolve=True))
+    a = flatten(to_plain(saved))
+    b = flatten(to_plain(current))
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
@@ -118,15 +119,6 @@ def refuse_harmful_changes(changes: list[tuple[str, Any, Any]], allowed: bool) -
             "drop the override, or add checkpoint.allow_config_change=true to accept it"
         )
     return harmful
-
-
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for k, v in node.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out or {prefix[:-1]: {}}
-    return {prefix[:-1]: node}
 
 
 def elastic_marker(cfg: DictConfig) -> Path | None:

@@ -10,21 +10,17 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from src.data.split import transforms_for
 from src.engine import distributed as dist_utils
-from src.engine.build import (
-    build_evaluator,
-    build_loss,
-    build_model,
-    build_split,
-    build_transforms,
-    num_classes_of,
-    require_num_classes,
-)
+from src.engine.build import build_split, num_classes_of, require_num_classes
 from src.engine.checkpoint import describe_mismatch, load_checkpoint
 from src.engine.distributed import DistContext
 from src.engine.evaluate import evaluate
 from src.engine.precision import resolve_precision
 from src.errors import RunError
+from src.evaluators.build import build_evaluator
+from src.models.build import build_model
+from src.models.losses import build_loss
 
 log = logging.getLogger("template")
 
@@ -59,7 +55,7 @@ def run_test(
     path = checkpoint or pick_checkpoint(run_dir)
     state = load_checkpoint(path)
     precision = resolve_precision(cfg.gpu, ctx.device)
-    split = build_split(cfg, "test", ctx, shuffle=False, transforms=build_transforms(cfg))
+    split = build_split(cfg, "test", ctx, shuffle=False, transforms=transforms_for(cfg))
     num_classes = num_classes_of(cfg, split.dataset)
     require_num_classes(cfg, num_classes)
     model = build_model(cfg, num_classes)

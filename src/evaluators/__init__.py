@@ -5,7 +5,14 @@ BaseEvaluator and registers itself with `@EVALUATOR_REGISTRY.register("my_evalua
 """
 
 from src.evaluators.base import BaseEvaluator
+from src.evaluators.build import build_evaluator
 from src.evaluators.classification import ClassificationEvaluator, classification_report
 from src.registry import EVALUATOR_REGISTRY
 
-__all__ = ["EVALUATOR_REGISTRY", "BaseEvaluator", "ClassificationEvaluator", "classification_report"]
+__all__ = [
+    "EVALUATOR_REGISTRY",
+    "BaseEvaluator",
+    "ClassificationEvaluator",
+    "build_evaluator",
+    "classification_report",
+]

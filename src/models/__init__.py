@@ -14,7 +14,8 @@ targets)` returns a scalar tensor, or a dict of named scalar tensors whose sum i
             return {"ce": ..., "kd": ...}
 """
 
-from src.models.losses import TORCH_LOSSES
+from src.models.build import build_model, check_output_size
+from src.models.losses import TORCH_LOSSES, build_loss
 from src.models.small import MLP, SimpleCNN
 from src.models.torchvision_models import TORCHVISION_MODELS, find_head, replace_head
 from src.registry import LOSS_REGISTRY, MODEL_REGISTRY
@@ -26,6 +27,9 @@ __all__ = [
     "TORCHVISION_MODELS",
     "TORCH_LOSSES",
     "SimpleCNN",
+    "build_loss",
+    "build_model",
+    "check_output_size",
     "find_head",
     "replace_head",
 ]

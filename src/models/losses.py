@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn.modules.loss import _Loss
 
+from src.config.sections import component_args
 from src.errors import ConfigError, RunError
 from src.registry import LOSS_REGISTRY
 
@@ -73,3 +74,8 @@ class WeightedSum(nn.Module):
 
 
 LOSS_REGISTRY.add("WeightedSum", WeightedSum)
+
+
+def build_loss(cfg: Any) -> Any:
+    """`cfg.loss` built: a torch.nn loss, WeightedSum, or a registered custom one."""
+    return LOSS_REGISTRY.build(component_args(cfg.loss, "loss"))

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import collections.abc
 import inspect
-import types
-import typing
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -14,6 +11,8 @@ import torch
 from lion_pytorch import Lion
 from torch import nn
 
+from src.arguments import check_types
+from src.config.sections import section_args
 from src.errors import ConfigError
 from src.registry import OPTIMIZER_REGISTRY, Registry
 
@@ -33,7 +32,7 @@ def build_optimizer(section: Mapping[str, Any] | str, model: nn.Module) -> torch
     `no_decay_bias_norm: true` moves biases, normalization parameters and every 1-D parameter into a
     second group with `weight_decay=0`, the usual recipe for transformers and modern CNNs.
     """
-    kwargs = section_dict(section, "optimizer")
+    kwargs = section_args(section, "optimizer")
     no_decay = kwargs.pop("no_decay_bias_norm", False)
     group_specs = kwargs.pop("param_groups", None) or []
     if not isinstance(no_decay, bool):
@@ -121,96 +120,3 @@ def lookup(registry: Registry, name: str) -> Callable[..., Any]:
                 f"unknown {registry.name} '{name}' (did you mean '{same[0]}'?); names are case-sensitive"
             )
     return registry.get(name)
-
-
-def section_dict(section: Any, what: str) -> dict[str, Any]:
-    """A fresh plain dict from a DictConfig, a mapping, a bare name or None."""
-    if section is None:
-        return {}
-    if isinstance(section, str):
-        return {"name": section}
-    if hasattr(section, "_metadata"):  # OmegaConf DictConfig, imported lazily
-        from omegaconf import OmegaConf
-
-        section = OmegaConf.to_container(section, resolve=True)
-    if not isinstance(section, Mapping):
-        raise ConfigError(f"the {what} section must be a mapping with a 'name', got {section!r}")
-    return dict(section)
-
-
-def check_types(obj: Callable[..., Any], kwargs: Mapping[str, Any], where: str) -> None:
-    """Refuse a value that cannot match the constructor's annotation, naming the key.
-
-    Without this a YAML string such as `amsgrad: "false"` is truthy and silently turns the option on.
-    Annotations this check cannot read are trusted to the constructor.
-    """
-    try:
-        params = inspect.signature(obj).parameters
-    except (TypeError, ValueError):
-        return
-    func = obj.__init__ if isinstance(obj, type) else obj
-    namespace = {
-        **vars(typing),
-        **vars(collections.abc),
-        "torch": torch,
-        "Tensor": torch.Tensor,
-        **getattr(func, "__globals__", {}),
-    }
-    for key, value in kwargs.items():
-        param = params.get(key)
-        if param is None or param.annotation is param.empty:
-            continue
-        annotation = param.annotation
-        if isinstance(annotation, str):
-            try:
-                annotation = eval(annotation, namespace)
-            except Exception:
-                continue
-        if not _accepts(value, annotation):
-            wanted = (
-                param.annotation
-                if isinstance(param.annotation, str)
-                else inspect.formatannotation(annotation)
-            )
-            raise ConfigError(
-                f"{where}: {key}={value!r} is a {type(value).__name__}, but it must be {wanted}"
-            )
-
-
-_SEQUENCES = (
-    list,
-    tuple,
-    collections.abc.Sequence,
-    collections.abc.MutableSequence,
-    collections.abc.Iterable,
-)
-
-
-def _accepts(value: Any, tp: Any) -> bool:
-    """Whether a config value (None, bool, number, str, list) can be of type `tp`; unknown types pass."""
-    if tp is Any:
-        return True
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_accepts(value, a) for a in args)
-    if origin is typing.Literal:
-        return value in args
-    if tp is None or tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    if tp is torch.Tensor:
-        return isinstance(value, torch.Tensor)
-    if (origin or tp) in _SEQUENCES:
-        if not isinstance(value, (list, tuple)):
-            return False
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(value) == len(args) and all(map(_accepts, value, args))
-        return not args or all(_accepts(v, args[0]) for v in value)
-    return True

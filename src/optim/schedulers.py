@@ -11,8 +11,10 @@ from typing import Any
 import torch
 from torch.optim import lr_scheduler as sched
 
+from src.arguments import check_types
+from src.config.sections import section_args
 from src.errors import ConfigError, did_you_mean
-from src.optim.optimizers import check_types, lookup, section_dict
+from src.optim.optimizers import lookup
 from src.registry import LR_SCHEDULER_REGISTRY
 
 for _name in (
@@ -207,7 +209,7 @@ def build_scheduler(
     (intervals of linear ramp from 1e-3*lr before the scheduler starts). `steps_per_epoch` counts
     optimizer steps. Run-length arguments left out (or null) are filled from the run.
     """
-    kwargs = section_dict(section, "lr_scheduler")
+    kwargs = section_args(section, "lr_scheduler")
     interval = kwargs.pop("interval", None) or "auto"
     warmup = kwargs.pop("warmup", None) or 0
     if interval not in INTERVALS:

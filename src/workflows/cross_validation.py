@@ -72,7 +72,7 @@ def cross_validate(config: str, overrides: list[str], folds: list[int] | None, g
     runs.write_state(cv_dir, "cv", state)
     env = {}
     if parent is not None:
-        from src.engine.trackers import PARENT_RUN_ENV
+        from src.tracking.start import PARENT_RUN_ENV
 
         env[PARENT_RUN_ENV] = parent.run_id
     failed: list[runs.Job] = []

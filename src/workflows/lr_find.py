@@ -41,11 +41,14 @@ def lr_range_test(
     """Run the sweep on the config's train split; the model and optimizer are thrown away afterwards."""
     import torch
 
+    from src.data.split import transforms_for
     from src.engine import distributed as dist_utils
-    from src.engine.build import build_loss, build_model, build_split, build_transforms, num_classes_of
+    from src.engine.build import build_split, num_classes_of
     from src.engine.evaluate import split_batch, to_device, total_loss
     from src.engine.precision import configure_backends, resolve_precision
     from src.engine.trainer import seed_everything
+    from src.models.build import build_model
+    from src.models.losses import build_loss
     from src.optim import build_optimizer
 
     if not 0 < start < end:
@@ -58,7 +61,7 @@ def lr_range_test(
     seed_everything(int(cfg.seed))
     configure_backends(cfg.gpu)
     precision = resolve_precision(cfg.gpu, ctx.device)
-    train = build_split(cfg, "train", ctx, shuffle=True, transforms=build_transforms(cfg))
+    train = build_split(cfg, "train", ctx, shuffle=True, transforms=transforms_for(cfg))
     model = build_model(cfg, num_classes_of(cfg, train.dataset)).to(ctx.device)
     model.train()
     loss_fn = build_loss(cfg)

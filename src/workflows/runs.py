@@ -30,6 +30,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import load_config
+from src.config.sections import flatten, to_plain
 from src.engine.run_dir import _slug
 from src.errors import ConfigError
 
@@ -70,8 +71,7 @@ def check(jobs: list[Job]) -> None:
 
 def fingerprint(cfg: DictConfig | dict, drop: Sequence[str] = ()) -> dict[str, Any]:
     """The flat settings that decide what a run computes (VOLATILE and `drop` removed)."""
-    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    flat = _flatten(data)
+    flat = flatten(to_plain(cfg))
     skip = (*VOLATILE, *drop)
     return {k: v for k, v in flat.items() if not any(k == s or k.startswith(s + ".") for s in skip)}
 
@@ -296,18 +296,9 @@ def open_parent_run(cfg: DictConfig, name: str, tags: dict[str, str], run_id: st
     """The workflow's MLflow parent run (reopened by id on a rerun), or None with MLflow off."""
     if not cfg.logging.mlflow:
         return None
-    from src.engine.trackers import experiment_name, resolve_uri
     from src.tracking import MlflowTracker
+    from src.tracking.start import experiment_name, resolve_uri
 
     cfg = resolve_uri(cfg)
     tracker = MlflowTracker(cfg.logging.mlflow_tracking_uri, experiment_name(cfg), name, tags, run_id=run_id)
     return tracker if tracker.run_id else None
-
-
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for k, v in node.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out or {prefix[:-1]: {}}
-    return {prefix[:-1]: node}

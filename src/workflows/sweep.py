@@ -156,7 +156,7 @@ def sweep(
     runs.write_state(sweep_dir, "sweep", state)
     env = {}
     if parent is not None:
-        from src.engine.trackers import PARENT_RUN_ENV
+        from src.tracking.start import PARENT_RUN_ENV
 
         env[PARENT_RUN_ENV] = parent.run_id
     failed: list[runs.Job] = []

@@ -1,0 +1,64 @@
+"""One split of the config's dataset with its sampler and loader, as this process sees it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from src.config.sections import to_plain
+from src.data.datasets import build_dataset
+from src.data.loader import build_loader
+from src.data.sampler import ResumableSampler
+from src.data.transforms import split_transforms
+
+
+@dataclass
+class Split:
+    dataset: Any
+    sampler: ResumableSampler
+    loader: torch.utils.data.DataLoader
+    generator: torch.Generator | None
+
+
+def transforms_for(cfg: DictConfig) -> dict:
+    """The train/val/test transform pipelines of the config's `transform` section."""
+    return split_transforms(cfg.get("transform"))
+
+
+def build_split(
+    cfg: DictConfig,
+    split: str,
+    shuffle: bool,
+    transforms: dict,
+    rank: int = 0,
+    world_size: int = 1,
+    device_type: str = "cpu",
+) -> Split:
+    """`split` of `cfg.dataset`; `rank` of `world_size` processes reads its share, on `device_type`."""
+    dataset = build_dataset(cfg.dataset, split=split, transform=transforms.get(split))
+    if len(dataset) == 0:
+        from src.errors import RunError
+
+        raise RunError(
+            f"dataset '{cfg.dataset.name}' has no samples in its {split} split; check where it reads from "
+            "(dataset.root) and its size settings"
+        )
+    sampler = ResumableSampler(
+        len(dataset), shuffle=shuffle, seed=int(cfg.seed), rank=rank, world_size=world_size
+    )
+    loader_cfg = dict(to_plain(cfg.dataloader) or {})
+    if split != "train":  # drop_last is for training only: evaluation sees every sample once
+        loader_cfg["drop_last"] = False
+    if shuffle:  # training: random augmentation is a function of (seed, epoch, index), see src/data/seeded.py
+        from src.data.seeded import EpochIndexSampler, SeededItems
+
+        items, order = SeededItems(dataset, int(cfg.seed)), EpochIndexSampler(sampler)
+    else:
+        items, order = dataset, sampler
+    loader = build_loader(
+        items, int(cfg.batch), order, loader_cfg, seed=int(cfg.seed), device_type=device_type
+    )
+    return Split(dataset, sampler, loader, getattr(loader, "generator", None))

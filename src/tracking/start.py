@@ -1,0 +1,90 @@
+"""Start the run's trackers (metrics.jsonl, TensorBoard, MLflow) on rank 0, continuing a resumed run's own logs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from src.config.sections import flatten, to_plain
+
+# The MLflow run that a workflow (cross-validation, sweep) opened; its runs become that run's children.
+PARENT_RUN_ENV = "TEMPLATE_MLFLOW_PARENT_RUN_ID"
+
+
+def resolve_uri(cfg: DictConfig) -> DictConfig:
+    """Fix the MLflow store in the config, and start its tracking process so it opens during set-up."""
+    if not cfg.logging.mlflow:
+        return cfg
+    from src.tracking import resolve_tracking_uri
+    from src.tracking.mlflow_tracker import prestart
+
+    uri = resolve_tracking_uri(cfg.logging.mlflow_tracking_uri, Path(cfg.output).resolve())
+    prestart(uri)  # MlflowTracker takes it over in start_trackers()
+    return OmegaConf.merge(cfg, {"logging": {"mlflow_tracking_uri": uri}})
+
+
+def experiment_name(cfg: DictConfig) -> str:
+    return str(cfg.logging.experiment_name or cfg.dataset.name)
+
+
+def start_trackers(cfg: DictConfig, run_dir: Path, saved: dict | None, step: int) -> Any:
+    """metrics.jsonl always; TensorBoard and MLflow as configured. Resumed runs continue their own logs."""
+    from src.tracking import MetricsFile, MlflowTracker, MultiTracker, TensorBoardTracker
+
+    saved = saved or {}
+    trackers: list[Any] = [MetricsFile(run_dir / "metrics.jsonl")]
+    if cfg.logging.tensorboard:
+        trackers.append(
+            TensorBoardTracker(run_dir / cfg.logging.log_dir, purge_step=step + 1 if step else None)
+        )
+    if cfg.logging.mlflow:
+        tags = {"tag": str(cfg.tag), "run_dir": str(run_dir), "host": socket.gethostname(), **_git_tags()}
+        if cfg.dataset.get("fold") is not None:
+            tags["fold"] = str(cfg.dataset.fold)
+        if os.environ.get(PARENT_RUN_ENV):  # started by script/cross_validate.py or sweep.py: nest under it
+            tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
+        run_id = saved.get("MlflowTracker", {}).get("run_id")
+        mlflow = MlflowTracker(
+            cfg.logging.mlflow_tracking_uri, experiment_name(cfg), run_dir.name, tags, run_id=run_id
+        )
+        trackers.append(mlflow)  # activate_mlflow() points user code at it once it is needed
+    multi = MultiTracker(trackers)
+    if saved:
+        multi.resume(saved)
+    elif step == 0:
+        multi.resume({"MetricsFile": {"lines": 0}})  # a restart from nothing drops a crashed attempt's lines
+    if not saved.get("MlflowTracker"):
+        multi.log_params(flatten(to_plain(cfg), keep_empty=False))
+        multi.log_artifact(run_dir / "config.yaml")
+    return multi
+
+
+def activate_mlflow(trackers: Any) -> None:
+    """Make `mlflow.log_metric(...)` in user code (a custom evaluator) land in this run's MLflow run.
+
+    Waits until the tracking process has opened the run (it starts before the model is built, so it
+    usually has); the trainer calls it before the first validation rather than at start.
+    """
+    from src.tracking import MlflowTracker
+
+    for tracker in getattr(trackers, "trackers", []):
+        if isinstance(tracker, MlflowTracker):
+            tracker.make_active()
+
+
+def _git_tags() -> dict[str, str]:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower()} if commit else {}
