@@ -170,7 +170,10 @@ def stamp_batches() -> None:
 
     def __next__(self: Any) -> Any:
         batch = inner(self)
-        if getattr(self._dataset, "stamps_clock", False):
+        dataset = self._dataset
+        while not hasattr(dataset, "stamps_clock") and hasattr(dataset, "dataset"):
+            dataset = dataset.dataset  # through wrappers such as SeededItems (per-sample seeds)
+        if getattr(dataset, "stamps_clock", False):
             CLOCK.tick()
         return batch
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -15,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from src.config import load_config
 from src.engine import distributed as dist_utils
 from src.engine.build import import_user_modules, preflight
-from src.engine.checkpoint import load_checkpoint
+from src.engine.checkpoint import find_resume_state, load_checkpoint
 from src.engine.precision import nondeterministic_op, prepare_determinism
 from src.engine.run_dir import (
     config_changes,
@@ -28,7 +27,7 @@ from src.engine.run_dir import (
 )
 from src.engine.tester import run_test
 from src.engine.trackers import experiment_name, resolve_uri
-from src.engine.trainer import Trainer, find_resume_state
+from src.engine.trainer import Trainer
 from src.errors import ConfigError, RunError, TemplateError
 from src.tracking import setup_logging
 
@@ -75,7 +74,12 @@ def train_main(config_path: str | Path, overrides: list[str], cfg: DictConfig | 
     except TemplateError as err:
         log.error("run failed: %s", err)
         # Failing in set-up (bad argument, missing data, unfit checkpoint) leaves no half-made directory.
-        if fresh and ctx.is_main and trainer.state.global_step == 0 and not trainer.ckpt_dir.exists():
+        if (
+            fresh
+            and ctx.is_main
+            and trainer.state.global_step == 0
+            and not (run_dir / "checkpoints").exists()
+        ):
             _discard(run_dir, trainer)
             status = "DISCARDED"
         raise
@@ -116,8 +120,13 @@ def test_main(
             f"{config_path} is not a result directory's config.yaml; pass result/<...>/config.yaml, "
             "or add --checkpoint <file.pth>"
         )
-    resume_command,
-    run_dir_of,
+    out = None
+    if cfg.run_dir:
+        run_dir = run_dir_of(config_path)
+    else:  # an experiment config and any checkpoint: the results go beside the checkpoint
+        run_dir = Path(str(checkpoint)).parent
+        out = run_dir / f"test_{Path(str(checkpoint)).stem}"
+    prepare_determinism(cfg.gpu)
     ctx = dist_utils.setup(cfg)
     log_file = run_dir / "train.log" if ctx.is_main and out is None else None
     setup_logging(log_file, ctx.rank, debug=bool(cfg.debug))
@@ -170,7 +179,7 @@ def _plan(
             )
         state = find_resume_state(run_dir, tidy=ctx.is_main)
         if state is None and cfg.checkpoint.resume_from:
-            state = _warm_state(cfg)
+            state = _state_to_continue(cfg)
         elif state is None:
             log.warning(
                 "no valid checkpoint in %s: training starts from the beginning", run_dir / "checkpoints"
@@ -192,7 +201,7 @@ def _plan(
             )
             return run_dir, find_resume_state(run_dir, tidy=ctx.is_main), False
     # A bad resume_from file fails before any directory exists.
-    warm = _warm_state(cfg) if cfg.checkpoint.resume_from else None
+    warm = _state_to_continue(cfg) if cfg.checkpoint.resume_from else None
     run_dir = new_run_dir(cfg) if ctx.is_main else None
     run_dir = Path(dist_utils.broadcast_object(str(run_dir) if run_dir else None))
     if ctx.local_rank == 0 and marker is not None:  # one per node: the agent key differs between nodes
@@ -203,7 +212,7 @@ def _plan(
     return run_dir, warm, True
 
 
-def _warm_state(cfg: DictConfig) -> dict[str, Any]:
+def _state_to_continue(cfg: DictConfig) -> dict[str, Any]:
     """checkpoint.resume_from: the whole training state of another run, in this new directory."""
     state = load_checkpoint(cfg.checkpoint.resume_from)
     state.pop("tracking", None)
@@ -311,7 +320,6 @@ def _write_summary(
     (run_dir / "summary.txt").write_text("\n".join(lines) + "\n")
     for line in lines:
         log.info(line)
-    _ = json
 
 
 def _clock(seconds: float) -> str:

@@ -42,10 +42,10 @@ def lr_range_test(
     import torch
 
     from src.engine import distributed as dist_utils
+    from src.engine.batch import split_batch, to_device, total_loss
     from src.engine.build import build_loss, build_model, build_split, build_transforms, num_classes_of
-    from src.engine.evaluate import split_batch, to_device, total_loss
     from src.engine.precision import configure_backends, resolve_precision
-    from src.engine.trainer import seed_everything
+    from src.engine.rng import seed_everything
     from src.optim import build_optimizer
 
     if not 0 < start < end:
