@@ -74,12 +74,8 @@ def train_main(config_path: str | Path, overrides: list[str], cfg: DictConfig | 
     except TemplateError as err:
         log.error("run failed: %s", err)
         # Failing in set-up (bad argument, missing data, unfit checkpoint) leaves no half-made directory.
-        if (
-            fresh
-            and ctx.is_main
-            and trainer.state.global_step == 0
-            and not (run_dir / "checkpoints").exists()
-        ):
+        started = trainer.state.global_step > 0 or (run_dir / "checkpoints").exists()
+        if fresh and ctx.is_main and not started:
             _discard(run_dir, trainer)
             status = "DISCARDED"
         raise
