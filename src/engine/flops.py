@@ -76,7 +76,6 @@ def train_flops_per_sample(
     from torch.utils.data import default_collate
     from torch.utils.flop_counter import FlopCounterMode
 
-
     meta = torch.device("meta")
     try:
         with meta:

@@ -14,6 +14,7 @@ from src.config.schema import PRECISIONS
 
 log = logging.getLogger("template")
 
+
 @dataclass
 class Precision:
     name: str  # "32" | "16" | "bf16"

@@ -25,5 +25,7 @@ def start_profiler(p: Any, ctx: Any, run_dir: Path) -> Any:
         with_stack=bool(p.with_stack),
     )
     prof.start()
-    log.info("profiling steps %d..%d into %s", p.wait + p.warmup, p.wait + p.warmup + p.active, run_dir / "profile")
+    log.info(
+        "profiling steps %d..%d into %s", p.wait + p.warmup, p.wait + p.warmup + p.active, run_dir / "profile"
+    )
     return prof
