@@ -170,9 +170,9 @@ def stamp_batches() -> None:
 
     def __next__(self: Any) -> Any:
         batch = inner(self)
-        dataset = getattr(
-            self._dataset, "dataset", self._dataset
-        )  # the training split is wrapped (SeededItems)
+        dataset = self._dataset
+        while not hasattr(dataset, "stamps_clock") and hasattr(dataset, "dataset"):
+            dataset = dataset.dataset  # through wrappers such as SeededItems (per-sample seeds)
         if getattr(dataset, "stamps_clock", False):
             CLOCK.tick()
         return batch

@@ -145,7 +145,7 @@ def test_ema_is_checkpointed_resumed_exactly_and_used_for_testing(tmp_path):
 def test_weight_ema_update_is_a_lerp_and_keeps_averaged_model_layout():
     from torch.optim.swa_utils import AveragedModel
 
-    from src.engine.trainer import WeightEMA
+    from src.engine.ema import WeightEMA
 
     model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
     ema = WeightEMA(model, decay=0.75)
@@ -240,7 +240,7 @@ def test_no_host_sync_on_steps_that_do_not_log(tmp_path):
 
 # ---------------------------------------------------------------------- building blocks
 def test_flops_of_a_training_step_are_counted_on_the_meta_device():
-    from src.engine.precision import peak_flops, train_flops_per_sample
+    from src.engine.flops import peak_flops, train_flops_per_sample
     from src.models.small import MLP as MLPModel
 
     sample = (torch.randn(8), 3)

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from src.engine import distributed as dist_utils
-from src.engine.checkpoint import capture_rng, restore_rng
-from src.engine.evaluate import split_batch, to_device
+from src.engine.batch import split_batch, to_device
+from src.engine.rng import capture_rng, restore_rng
 
 log = logging.getLogger("template")
 

@@ -22,19 +22,12 @@ from src.config.sections import component_args
 from src.data import dataset_num_classes
 from src.data.split import Split
 from src.data.split import build_split as data_split
-from src.data.split import transforms_for as build_transforms  # re-exported for trainer.py
 from src.engine.distributed import DistContext
 from src.errors import ConfigError
 from src.evaluators import EVALUATOR_REGISTRY
-from src.evaluators.build import build_evaluator  # re-exported for trainer.py
-from src.models import LOSS_REGISTRY, MODEL_REGISTRY
-from src.models.build import build_model, check_output_size  # re-exported for trainer.py
-from src.models.losses import build_loss  # also re-exported for trainer.py
+from src.models import LOSS_REGISTRY, MODEL_REGISTRY, build_loss, build_model
 
 log = logging.getLogger("template")
-
-# trainer.py still imports these from here; their homes are the packages above.
-__all__ = ["build_evaluator", "build_loss", "build_model", "build_transforms", "check_output_size"]
 
 
 def import_user_modules(modules: list[str]) -> None:

@@ -1,123 +1,380 @@
-"""Checkpoint files: atomic writes, safe loads, RNG capture, and finding the newest good one.
+"""Checkpoints: what a save holds, where it goes, and how a run finds and loads the state it resumes.
 
-A save writes the state once to a temporary file, fsyncs it, then gives it its names (last.pth,
-best.pth, ...) as hard links renamed into place, so every name is either the old complete file or
-the new complete file, never a torn one.
+The `Checkpointer` is handed the model, optimizer, schedule, scaler, EMA and the run's progress
+(TrainState, which also holds the sampler's position: `batches_done`). A save copies the state to
+host memory at the step boundary and hands it to the background `CheckpointWriter`, which writes,
+fsyncs and renames it (atomic_files.py) while training goes on. At most one write is in flight: the
+next save, the end of training, a stop signal and every failure path wait for it, and its error
+surfaces there as one line. Tracker commits (MLflow's exactly-once metrics) run only once the
+files are published. Under FSDP the sharded model and optimizer go to a DCP folder, synchronously
+(see `_save_sharded`); each checkpoint records which DCP folder every file points to, so pruning
+never has to load a file.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
-import random
+import math
 import re
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from omegaconf import DictConfig
 
+from src.engine import distributed as dist_utils
+from src.engine.atomic_files import NoRoomError, atomic_save, publish
+from src.engine.checkpoint_writer import CheckpointWriter
+from src.engine.rng import capture_rng, restore_rng
+from src.engine.run_dir import resume_command
+from src.engine.schedule_free import evaluation_weights, train_weights
+from src.engine.train_state import TrainState, improved
 from src.errors import RunError
+from src.optim.schedulers import replan
 
 log = logging.getLogger("template")
 
 
-def atomic_save(state: dict[str, Any], names: list[Path]) -> None:
-    """Write `state` once and publish it under every path in `names` atomically."""
-    if not names:
-        return
-    folder = names[0].parent
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".tmp-{os.getpid()}.pth"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except (OSError, RuntimeError) as err:  # torch reports a failed write as RuntimeError("unexpected pos")
-        cause = _no_room(err)
-        if cause is None:
-            raise
-        tmp.unlink(missing_ok=True)  # the partial file would keep taking the space
-        raise NoRoomError(describe_no_room(cause, names, state)) from None
-    for name in names:
-        publish(tmp, name)
-    tmp.unlink()
-    _fsync_dir(folder)
+class Checkpointer:
+    """Saves, loads and prunes one run's checkpoints; best.pth, top-k, periodic, last and previous files."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        ctx: Any,
+        run_dir: Path,
+        parts: dict[str, Any],
+        progress: TrainState,
+        epochs: int,
+    ) -> None:
+        """`parts`: raw_model, optimizer, schedule (or None), scaler, ema (or None), privacy (optional)."""
+        self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.raw_model: torch.nn.Module = parts["raw_model"]
+        self.optimizer: torch.optim.Optimizer = parts["optimizer"]
+        self.schedule: Any = parts["schedule"]
+        self.scaler: torch.amp.GradScaler = parts["scaler"]
+        self.ema: Any = parts["ema"]
+        self.privacy: Any = parts.get("privacy")  # training.privacy: the accountant's history
+        self.progress = progress
+        self.epochs = epochs  # the `epoch` this session trains to (a change re-plans the schedule)
+        self.trackers: Any = None  # set once started: their state goes into each checkpoint
+        self.tracking_state: dict[str, Any] | None = None  # the resumed checkpoint's, for the trackers
+        self.dcp_files: dict[str, str] | None = None  # file name -> the DCP folder it points to (FSDP)
+        self.writer = CheckpointWriter(self._write_files)
+
+    # ------------------------------------------------------------------ saving
+    def epoch_names(self, epoch: int, metrics: dict[str, float]) -> list[str]:
+        """Extra names this epoch's checkpoint gets: best.pth, a top-k file, a periodic epoch file.
+
+        Nothing is named best.pth before a validation has measured `checkpoint.monitor`.
+        """
+        cfg, st = self.cfg.checkpoint, self.progress
+        names: list[str] = []
+        freq = int(cfg.save_frequency)
+        if freq and (epoch + 1) % freq == 0:
+            names.append(f"epoch_{epoch + 1:04d}.pth")
+        value = metrics.get(str(cfg.monitor))
+        if value is None:
+            return names
+        if improved(value, st.best_value, cfg.mode):
+            st.best_value, st.best_epoch = value, epoch + 1
+            if cfg.save_best:
+                names.append("best.pth")
+        k = int(cfg.save_top_k)
+        if k > 1:
+            name = f"top_epoch_{epoch + 1:04d}.pth"
+            ranked = sorted([*st.top_k, [value, name]], key=lambda t: t[0], reverse=cfg.mode == "max")
+            st.top_k = ranked[:k]
+            if [value, name] in st.top_k:
+                names.append(name)
+        return names
+
+    def save(self, extra_names: list[str], reason: str) -> None:
+        """Snapshot the state to host memory and start writing last.pth (+ `extra_names`) on rank 0.
+
+        Returns once the copy is taken; the write goes on in the background (see `wait`).
+        """
+        ctx, st = self.ctx, self.progress
+        if not math.isfinite(st.window_loss_sum):  # weights a NaN touched never replace last.pth
+            raise self.non_finite(st.window_loss_sum)
+        self.wait()  # the previous write is published and committed before the trackers' state is read
+        with evaluation_weights(self.optimizer) as kept:  # schedule-free: save the evaluation weights
+            rng = dist_utils.all_gather_object(capture_rng())
+            state: dict[str, Any] = {
+                "format": 1,
+                "model": self._model_state_dict(),
+                "scheduler": self.schedule.state_dict() if self.schedule is not None else None,
+                "scaler": self.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "progress": asdict(st),
+                "rng": rng,
+                "world_size": ctx.world_size,
+                "batch": int(self.cfg.batch),
+            }
+            if self.privacy is not None:
+                state["privacy"] = self.privacy.state_dict()
+            if ctx.strategy == "fsdp":
+                state["dcp"] = self._save_sharded()
+            else:
+                state["optimizer"] = self.optimizer.state_dict()
+                if kept is not None:  # and the training weights, bit for bit, for an exact resume
+                    state["schedule_free_train"] = kept
+            if self.ema is not None:  # "model" holds the weights the run reports; the trained ones resume
+                state["raw_model"] = state["model"]
+                state["model"] = self.ema.module.state_dict()
+            if not ctx.is_main:
+                dist_utils.barrier()
+                return
+            if self.trackers is not None:
+                state["tracking"] = self.trackers.state()
+            names = set(extra_names)
+            if self.cfg.checkpoint.save_last or not names:  # a save always leaves a resumable file
+                names.add("last.pth")
+            keep_top = {name for _, name in st.top_k}
+            live_dcp = self._record_dcp(sorted(names), state.get("dcp"), keep_top)
+            if live_dcp is not None:
+                state["dcp_files"] = dict(self.dcp_files or {})
+            host = self.writer.snapshot(state)  # training may change the originals from here on
+        paths = [self.ckpt_dir / n for n in sorted(names)]
+        self.writer.submit(host, paths, after=lambda: self._published(paths, reason, keep_top, live_dcp))
+        dist_utils.barrier()
+
+    def wait(self, failed: bool = False) -> None:
+        """Block until the write in flight is published; its error surfaces here as one line.
+
+        `failed`: the run is ending with another error, which wins; a write error is only logged.
+        """
+        try:
+            self.writer.wait()
+        except RunError as err:
+            if isinstance(err.__cause__, NoRoomError):
+                err = NoRoomError(
+                    f"{err.__cause__}, then resume with: python train.py {self.run_dir / 'config.yaml'}"
+                )
+            if failed:
+                log.error("%s", err)
+                return
+            raise err from None
+
+    def finish(self, failed: bool = False) -> None:
+        """End of training or a stop: wait for the write in flight; then every rank may read the files."""
+        self.wait(failed)
+        if not failed:
+            dist_utils.barrier()
+
+    def non_finite(self, loss: float) -> RunError:
+        """The error for a loss that became NaN/inf, naming the checkpoint that is still good."""
+        kept = (
+            f"the last good checkpoint is kept in {self.ckpt_dir}"
+            if (self.ckpt_dir / "last.pth").exists()
+            else "no checkpoint had been saved yet"
+        )
+        return RunError(
+            f"the training loss became {loss} at epoch {self.progress.epoch + 1}, step {self.progress.global_step}; "
+            f"{kept}; lower optimizer.lr, set training.gradient_clip_norm, or training.nan_policy=skip"
+        )
+
+    def _write_files(self, state: dict[str, Any], paths: list[Path]) -> None:
+        """On the writer thread: keep the last.pth being replaced as previous.pth, then write atomically."""
+        last = self.ckpt_dir / "last.pth"
+        if last in paths and last.exists():  # keep the one before; last.pth itself never disappears
+            publish(last, self.ckpt_dir / "previous.pth")
+        atomic_save(state, paths)
+
+    def _published(
+        self, paths: list[Path], reason: str, keep_top: set[str], live_dcp: set[str] | None
+    ) -> None:
+        """On the writer thread, once every name is in place: prune, commit the trackers, say so."""
+        for path in self.ckpt_dir.glob("top_epoch_*.pth"):
+            if path.name not in keep_top:
+                path.unlink()
+        if live_dcp is not None:
+            for folder in self.ckpt_dir.glob("dcp_step_*"):
+                if folder.name not in live_dcp:
+                    shutil.rmtree(folder, ignore_errors=True)
+        if self.trackers is not None:
+            self.trackers.commit()  # exactly once: only what a published checkpoint holds
+        log.info("checkpoint saved (%s): %s", reason, ", ".join(p.name for p in paths))
+
+    def _record_dcp(self, names: list[str], dcp: str | None, keep_top: set[str]) -> set[str] | None:
+        """Which DCP folder each file will point to after this save; the set still in use (None: no DCP)."""
+        if dcp is None and self.dcp_files is None and not any(self.ckpt_dir.glob("dcp_step_*")):
+            return None
+        if self.dcp_files is None:  # a run from before the record: read each file once
+            self.dcp_files = {}
+            for pth in self.ckpt_dir.glob("*.pth"):
+                try:
+                    found = torch.load(pth, map_location="cpu", weights_only=True, mmap=True).get("dcp")
+                except Exception:
+                    continue
+                if found:
+                    self.dcp_files[pth.name] = found
+        files = self.dcp_files
+        if "last.pth" in names and "last.pth" in files:
+            files["previous.pth"] = files["last.pth"]
+        for name in names:
+            if dcp is None:
+                files.pop(name, None)
+            else:
+                files[name] = dcp
+        for name in [n for n in files if n.startswith("top_epoch_") and n not in keep_top]:
+            del files[name]
+        return set(files.values())
+
+    def _model_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.ctx.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(
+                self.raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+        return self.raw_model.state_dict()  # references: the writer's snapshot copies them
+
+    def _save_sharded(self) -> str:
+        """Model and optimizer shards through torch.distributed.checkpoint, loadable at any world size.
+
+        Synchronous on every rank: dcp.async_save would need a process group of its own and a
+        staging copy of each shard to stay consistent with the .pth that points to the folder.
+        """
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        name = f"dcp_step_{self.progress.global_step:08d}"
+        final = self.ckpt_dir / name
+        tmp = self.ckpt_dir / f".{name}.tmp"
+        if self.ctx.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        dist_utils.barrier()
+        msd, osd = get_state_dict(self.raw_model, self.optimizer)
+        dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp))
+        dist_utils.barrier()
+        if self.ctx.is_main:
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.replace(final)
+        dist_utils.barrier()
+        return name
+
+    # ------------------------------------------------------------------ loading
+    def resume(self, state: dict[str, Any] | None) -> tuple[int, bool]:
+        """Load `state` (None: a fresh run); (the epoch to train up to, whether a training state was restored).
+
+        A re-run of a finished run, or of one early stopping ended while `epoch` did not grow, trains nothing.
+        """
+        st, epochs = self.progress, self.epochs
+        if state is not None:
+            self.load(state)
+        restored = state is not None and not state.get("weights_only")
+        end = epochs
+        if restored and (st.epoch >= epochs or (st.early_stopped and epochs <= st.planned_epochs)):
+            how = "early stopping ended it at" if st.early_stopped and st.epoch < epochs else "it has trained"
+            log.info(
+                "nothing left to train: %s epoch %d of epoch=%d; to train it longer: %s epoch=<more than %d>",
+                how, st.epoch, epochs, resume_command(self.run_dir), max(epochs, st.epoch),
+            )  # fmt: skip
+            end = st.epoch
+        elif st.early_stopped:  # `epoch` grew: train on
+            st.early_stopped = False
+        st.planned_epochs = epochs
+        return end, restored
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Weights, optimizer, schedule (re-planned if `epoch` changed), scaler, EMA, progress, RNG of this rank."""
+        if state.get("weights_only"):  # checkpoint.weights_only_resume: a new run from these weights
+            self._load_model_weights(state["model"], strict=False)
+            log.info("warm start from weights only: optimizer, schedule and progress start fresh")
+            return
+        plan = self._replan_schedule(state)  # before the optimizer's saved lr replaces the configured one
+        if self.ctx.strategy == "fsdp" and state.get("dcp"):
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+            msd, osd = get_state_dict(self.raw_model, self.optimizer)
+            sd = {"model": msd, "optimizer": osd}
+            dcp.load(sd, checkpoint_id=str(self.ckpt_dir / state["dcp"]))
+            set_state_dict(
+                self.raw_model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"]
+            )
+        else:
+            if self.ctx.strategy == "fsdp":
+                raise RunError(
+                    "this checkpoint has no sharded (DCP) state; resume it without distributed.strategy=fsdp"
+                )
+            # With EMA, "model" is the average and "raw_model" the weights training continues from.
+            self._load_model_weights(state.get("raw_model", state["model"]), strict=True)
+            if "optimizer" not in state:
+                raise RunError(
+                    "this checkpoint was written by an FSDP run; resume it with distributed.strategy=fsdp"
+                )
+            self.optimizer.load_state_dict(state["optimizer"])
+        if plan is not None and self.schedule is not None:
+            before, after = self.schedule.apply_plan(plan)
+            log.info("schedule re-planned: %d -> %d epochs, lr %.6g -> %.6g (%s)",
+                     state["progress"]["planned_epochs"], self.epochs, before, after, self.schedule.name)  # fmt: skip
+        elif self.schedule is not None and state.get("scheduler") is not None:
+            self.schedule.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state.get("privacy"))
+        self.progress.restore(state["progress"])
+        rng = state.get("rng") or []
+        if self.ctx.rank < len(rng):
+            restore_rng(rng[self.ctx.rank])
+        self.tracking_state = state.get("tracking")
+        self.dcp_files = state.get("dcp_files")
+        train_weights(self.optimizer, state.get("schedule_free_train"))
+        log.info("resumed at epoch %d, step %d", self.progress.epoch + 1, self.progress.global_step)
+
+    def _replan_schedule(self, state: dict[str, Any]) -> dict[int, dict[str, Any]] | None:
+        if self.schedule is None:
+            return None
+        old = int(state["progress"].get("planned_epochs") or 0)
+        return replan(self.schedule, state.get("scheduler"), old, self.epochs)
+
+    def _load_model_weights(self, weights: dict[str, torch.Tensor], strict: bool) -> None:
+        mismatch = describe_mismatch(self.raw_model, weights)
+        if mismatch and strict:
+            raise RunError(f"the checkpoint does not fit model '{self.cfg.model.name}': {mismatch}")
+        result = self.raw_model.load_state_dict(weights, strict=False)
+        if mismatch:
+            log.warning("loaded weights with differences: %s (missing=%d, unexpected=%d)", mismatch,
+                        len(result.missing_keys), len(result.unexpected_keys))  # fmt: skip
 
 
-class NoRoomError(RunError):
-    """A checkpoint did not fit on its file system (full disk, quota, file size limit)."""
-
-
-_NO_ROOM = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
-            errno.EFBIG: "the file size limit (ulimit -f) was reached"}  # fmt: skip
-
-
-def _no_room(err: BaseException | None) -> OSError | None:
-    """The OSError saying the disk is full somewhere in `err`'s chain (torch wraps it), or None."""
-    seen = 0
-    while err is not None and seen < 10:
-        if isinstance(err, OSError) and err.errno in _NO_ROOM:
-            return err
-        err, seen = err.__cause__ or err.__context__, seen + 1
-    return None
-
-
-def describe_no_room(err: OSError, names: list[Path], state: dict[str, Any]) -> str:
-    """Which file, the space it needs against the space free, and the checkpoint that is still good."""
-    import shutil
-
-    folder = names[0].parent
-    needed = _tensor_bytes(state)
-    try:
-        free = f"{shutil.disk_usage(folder).free / 2**20:.2f} MB free"
-    except OSError:
-        free = "free space unknown"
-    good = [folder / n for n in ("last.pth", "previous.pth") if (folder / n).is_file()]
-    kept = f"the last good checkpoint is {good[0]}" if good else "no checkpoint had been saved yet"
-    return (
-        f"cannot save checkpoint {', '.join(n.name for n in names)} in {folder}: {_NO_ROOM[err.errno]} (it needs about {needed / 2**20:.2f} MB, {free}); "
-        f"{kept}; free some space"
+def load_pretrained_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """model.pretrained_weight: the tensors that fit, from a checkpoint or a plain state dict, before wrapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"weights file not found: {path}")
+    state = safe_load(path)
+    weights = state.get("model", state)
+    own = model.state_dict()
+    fitting = {k: v for k, v in weights.items() if k in own and getattr(v, "shape", None) == own[k].shape}
+    mismatch = describe_mismatch(model, weights)
+    model.load_state_dict(fitting, strict=False)
+    (log.warning if mismatch else log.info)(
+        "loaded %d/%d tensors from %s%s", len(fitting), len(own), path, f" ({mismatch})" if mismatch else ""
     )
 
 
-def _tensor_bytes(node: Any) -> int:
-    if isinstance(node, torch.Tensor):
-        return node.numel() * node.element_size()
-    if isinstance(node, dict):
-        return sum(_tensor_bytes(v) for v in node.values())
-    if isinstance(node, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in node)
-    return 0
-
-
-def publish(source: Path, name: Path) -> None:
-    """Give `source`'s content the path `name` in one atomic rename: readers see the old or the new file."""
-    staged = name.with_name(f".{name.name}.{os.getpid()}.link")
-    if staged.exists():
-        staged.unlink()
-    try:
-        os.link(source, staged)
-    except OSError:  # file systems without hard links: copy
-        import shutil
-
-        shutil.copyfile(source, staged)
-    os.replace(staged, name)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def find_resume_state(run_dir: Path, tidy: bool = False) -> dict[str, Any] | None:
+    """The newest checkpoint that loads; `tidy` (the resuming writer only) first drops unfinished writes."""
+    if tidy and (run_dir / "checkpoints").is_dir():
+        remove_partial_writes(run_dir / "checkpoints")
+    found = newest_valid_checkpoint(run_dir / "checkpoints")
+    if found is None:
+        return None
+    path, state = found
+    if path.name != "last.pth":
+        log.warning("resuming from %s (last.pth is missing or damaged)", path.name)
+    return state
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -179,29 +436,6 @@ def _progress_key(path: Path) -> int:
         return path.stat().st_mtime_ns
     except OSError:
         return 0
-
-
-def capture_rng() -> dict[str, Any]:
-    """This process's RNG states, in types `torch.load(weights_only=True)` accepts."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def describe_mismatch(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], limit: int = 5) -> str:

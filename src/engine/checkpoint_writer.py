@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from src.engine.checkpoint import atomic_save
+from src.engine.atomic_files import atomic_save
 from src.errors import RunError
 
 

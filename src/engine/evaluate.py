@@ -7,65 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from src.engine.batch import batch_size, float_outputs, split_batch, take, to_device, total_loss
 from src.engine.distributed import all_reduce_sum
 from src.engine.loss_parts import add_parts, part_metrics
 from src.engine.precision import Precision
-
-
-def to_device(obj: Any, device: torch.device, channels_last: bool = False) -> Any:
-    if isinstance(obj, torch.Tensor):
-        obj = obj.to(device, non_blocking=True)
-        if channels_last and obj.dim() == 4:
-            obj = obj.contiguous(memory_format=torch.channels_last)
-        return obj
-    if isinstance(obj, dict):
-        return {k: to_device(v, device, channels_last) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(v, device, channels_last) for v in obj)
-    return obj
-
-
-def take(obj: Any, n: int) -> Any:
-    """The first n samples of a batch (tensor, dict or sequence of tensors)."""
-    if isinstance(obj, torch.Tensor):
-        return obj[:n]
-    if isinstance(obj, dict):
-        return {k: take(v, n) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(take(v, n) for v in obj)
-    return obj
-
-
-def split_batch(batch: Any) -> tuple[Any, Any]:
-    """(inputs, targets) from a tuple/list batch or a dict with input/target keys."""
-    if isinstance(batch, dict):
-        inputs = batch.get("input", batch.get("image", batch.get("x")))
-        targets = batch.get("target", batch.get("label", batch.get("y")))
-        return inputs, targets
-    return batch[0], batch[1]
-
-
-def batch_size(targets: Any) -> int:
-    if isinstance(targets, torch.Tensor):
-        return int(targets.shape[0])
-    if isinstance(targets, dict):
-        return batch_size(next(iter(targets.values())))
-    return len(targets)
-
-
-def total_loss(value: Any) -> torch.Tensor:
-    """A loss function may return a scalar or a dict of named scalars; the sum is what trains."""
-    if isinstance(value, dict):
-        return sum(value.values())  # type: ignore[return-value]
-    return value
-
-
-def float_outputs(outputs: Any) -> Any:
-    if isinstance(outputs, torch.Tensor) and outputs.is_floating_point():
-        return outputs.float()
-    if isinstance(outputs, dict):
-        return {k: float_outputs(v) for k, v in outputs.items()}
-    return outputs
 
 
 @torch.no_grad()

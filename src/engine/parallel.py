@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -187,3 +188,16 @@ def _large_leafmost_blocks(model: nn.Module, min_params: int) -> list[nn.Module]
         and counts[id(m)] >= min_params
         and not any(counts[id(c)] >= min_params for c in m.children())
     ]
+
+
+def grad_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce on micro-batches that are not the last of their accumulation window."""
+    if sync:
+        if hasattr(model, "set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+    return contextlib.nullcontext()

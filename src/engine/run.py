@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -15,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from src.config import load_config
 from src.engine import distributed as dist_utils
 from src.engine.build import import_user_modules, preflight
-from src.engine.checkpoint import load_checkpoint
+from src.engine.checkpoint import find_resume_state, load_checkpoint
 from src.engine.precision import nondeterministic_op, prepare_determinism
 from src.engine.run_dir import (
     config_changes,
@@ -27,7 +26,7 @@ from src.engine.run_dir import (
     save_config,
 )
 from src.engine.tester import run_test
-from src.engine.trainer import Trainer, find_resume_state
+from src.engine.trainer import Trainer
 from src.errors import ConfigError, RunError, TemplateError
 from src.tracking import setup_logging
 from src.tracking.start import experiment_name, resolve_uri
@@ -75,7 +74,8 @@ def train_main(config_path: str | Path, overrides: list[str], cfg: DictConfig | 
     except TemplateError as err:
         log.error("run failed: %s", err)
         # Failing in set-up (bad argument, missing data, unfit checkpoint) leaves no half-made directory.
-        if fresh and ctx.is_main and trainer.state.global_step == 0 and not trainer.ckpt_dir.exists():
+        started = trainer.state.global_step > 0 or (run_dir / "checkpoints").exists()
+        if fresh and ctx.is_main and not started:
             _discard(run_dir, trainer)
             status = "DISCARDED"
         raise
@@ -175,7 +175,7 @@ def _plan(
             )
         state = find_resume_state(run_dir, tidy=ctx.is_main)
         if state is None and cfg.checkpoint.resume_from:
-            state = _warm_state(cfg)
+            state = _state_to_continue(cfg)
         elif state is None:
             log.warning(
                 "no valid checkpoint in %s: training starts from the beginning", run_dir / "checkpoints"
@@ -197,7 +197,7 @@ def _plan(
             )
             return run_dir, find_resume_state(run_dir, tidy=ctx.is_main), False
     # A bad resume_from file fails before any directory exists.
-    warm = _warm_state(cfg) if cfg.checkpoint.resume_from else None
+    warm = _state_to_continue(cfg) if cfg.checkpoint.resume_from else None
     run_dir = new_run_dir(cfg) if ctx.is_main else None
     run_dir = Path(dist_utils.broadcast_object(str(run_dir) if run_dir else None))
     if ctx.local_rank == 0 and marker is not None:  # one per node: the agent key differs between nodes
@@ -208,7 +208,7 @@ def _plan(
     return run_dir, warm, True
 
 
-def _warm_state(cfg: DictConfig) -> dict[str, Any]:
+def _state_to_continue(cfg: DictConfig) -> dict[str, Any]:
     """checkpoint.resume_from: the whole training state of another run, in this new directory."""
     state = load_checkpoint(cfg.checkpoint.resume_from)
     state.pop("tracking", None)
@@ -317,7 +317,6 @@ def _write_summary(
     (run_dir / "summary.txt").write_text("\n".join(lines) + "\n")
     for line in lines:
         log.info(line)
-    _ = json
 
 
 def _clock(seconds: float) -> str:

@@ -8,6 +8,7 @@ value scaled by the ratio of the two configured lrs, so each scheduler goes on s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,7 +16,9 @@ import torch
 from torch import nn
 
 from src.errors import ConfigError
-from src.models.freezing import match
+from src.models.freezing import UnfreezeStage, match
+
+log = logging.getLogger("template")
 
 # Per-group values a scheduler or optimizer keeps that scale with the group's lr.
 LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr", "base_lr")
@@ -93,3 +96,17 @@ def _schedulers(schedule: Any) -> list[Any]:
     top = schedule.scheduler
     found = [top, *getattr(top, "_schedulers", [])]
     return list({id(s): s for s in found}.values())
+
+
+def unfreeze_due(
+    stages: list[UnfreezeStage], model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any, epoch: int
+) -> list[nn.Parameter]:
+    """Let the stages due by `epoch` train, each as a new optimizer group; returns the trainable parameters."""
+    named = dict(model.named_parameters())
+    for stage in stages:
+        if stage.epoch <= epoch and not named[stage.names[0]].requires_grad:
+            new = [named[n].requires_grad_(True) for n in stage.names]
+            add_group(optimizer, schedule, new, stage.lr_scale)
+            log.info("epoch %d: unfroze %d parameter tensors (%s ...) at lr x %g",
+                     epoch + 1, len(new), stage.names[0], stage.lr_scale)  # fmt: skip
+    return [p for p in model.parameters() if p.requires_grad]

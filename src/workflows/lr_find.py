@@ -43,10 +43,10 @@ def lr_range_test(
 
     from src.data.split import transforms_for
     from src.engine import distributed as dist_utils
+    from src.engine.batch import split_batch, to_device, total_loss
     from src.engine.build import build_split, num_classes_of
-    from src.engine.evaluate import split_batch, to_device, total_loss
     from src.engine.precision import configure_backends, resolve_precision
-    from src.engine.trainer import seed_everything
+    from src.engine.rng import seed_everything
     from src.models.build import build_model
     from src.models.losses import build_loss
     from src.optim import build_optimizer

@@ -1,0 +1,115 @@
+"""Atomic checkpoint files: write once, fsync, publish every name with one rename each.
+
+A save writes the state once to a temporary file, fsyncs it, then gives it its names (last.pth,
+best.pth, ...) as hard links renamed into place, so every name is either the old complete file or
+the new complete file, never a torn one; best.pth equal to last.pth is a link, not a second write.
+A full disk is one clear error (NoRoomError) with the temporary file removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from src.errors import RunError
+
+
+def atomic_save(state: dict[str, Any], names: list[Path]) -> None:
+    """Write `state` once and publish it under every path in `names` atomically."""
+    if not names:
+        return
+    folder = names[0].parent
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".tmp-{os.getpid()}.pth"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as err:  # torch reports a failed write as RuntimeError("unexpected pos")
+        cause = _no_room(err)
+        if cause is None:
+            raise
+        tmp.unlink(missing_ok=True)  # the partial file would keep taking the space
+        raise NoRoomError(describe_no_room(cause, names, state)) from None
+    for name in names:
+        publish(tmp, name)
+    tmp.unlink()
+    _fsync_dir(folder)
+
+
+class NoRoomError(RunError):
+    """A checkpoint did not fit on its file system (full disk, quota, file size limit)."""
+
+
+_NO_ROOM = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
+            errno.EFBIG: "the file size limit (ulimit -f) was reached"}  # fmt: skip
+
+
+def _no_room(err: BaseException | None) -> OSError | None:
+    """The OSError saying the disk is full somewhere in `err`'s chain (torch wraps it), or None."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, OSError) and err.errno in _NO_ROOM:
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
+def describe_no_room(err: OSError, names: list[Path], state: dict[str, Any]) -> str:
+    """Which file, the space it needs against the space free, and the checkpoint that is still good."""
+    import shutil
+
+    folder = names[0].parent
+    needed = _tensor_bytes(state)
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.2f} MB free"
+    except OSError:
+        free = "free space unknown"
+    good = [folder / n for n in ("last.pth", "previous.pth") if (folder / n).is_file()]
+    kept = f"the last good checkpoint is {good[0]}" if good else "no checkpoint had been saved yet"
+    return (
+        f"cannot save checkpoint {', '.join(n.name for n in names)} in {folder}: {_NO_ROOM[err.errno]} (it needs about {needed / 2**20:.2f} MB, {free}); "
+        f"{kept}; free some space"
+    )
+
+
+def _tensor_bytes(node: Any) -> int:
+    if isinstance(node, torch.Tensor):
+        return node.numel() * node.element_size()
+    if isinstance(node, dict):
+        return sum(_tensor_bytes(v) for v in node.values())
+    if isinstance(node, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in node)
+    return 0
+
+
+def publish(source: Path, name: Path) -> None:
+    """Give `source`'s content the path `name` in one atomic rename: readers see the old or the new file."""
+    staged = name.with_name(f".{name.name}.{os.getpid()}.link")
+    if staged.exists():
+        staged.unlink()
+    try:
+        os.link(source, staged)
+    except OSError:  # file systems without hard links: copy
+        import shutil
+
+        shutil.copyfile(source, staged)
+    os.replace(staged, name)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
