@@ -52,7 +52,7 @@ from src.models.freezing import plan_unfreezing
 from src.optim import build_optimizer, build_scheduler, is_schedule_free, set_optimizer_mode
 from src.optim.param_groups import mark_base_lrs, unfreeze_due
 from src.tracking.console import plural
-from src.tracking.start import activate_mlflow, start_trackers
+from src.tracking.start import activate_mlflow, prestart_mlflow, start_trackers
 
 log = logging.getLogger("template")
 
@@ -260,9 +260,8 @@ class Trainer:
         assert self.evaluator_job is not None
         evaluator = self.evaluator_job.result()
         activate_mlflow(self.trackers)  # a user's evaluator may call mlflow.log_metric from here on
-        bar = self.window.progress(
-            1 if self.debug else len(self.val.loader), f"val {epoch + 1}/{self.epochs}"
-        )
+        batches = 1 if self.debug else len(self.val.loader)
+        bar = self.window.progress(batches, f"val {epoch + 1}/{self.epochs}")
         with evaluation_weights(self.optimizer):
             eval_model = self.ema.module if self.ema is not None else self.model
             metrics = evaluate(eval_model, self.val.loader, self.val.sampler.num_valid, self.loss_fn, evaluator,
@@ -283,6 +282,8 @@ class Trainer:
             self.val = build_split(cfg, "val", ctx, shuffle=False, transforms=transforms)
         self.num_classes = num_classes_of(cfg, self.train.dataset)
         require_num_classes(cfg, self.num_classes)
+        if ctx.is_main:  # MLflow's store opens while the model is built
+            prestart_mlflow(cfg)
         self.privacy = build_privacy(cfg, len(self.train.dataset), self.precision.name)
         if self.privacy is not None:
             self.train = self.privacy.poisson_split(self.train)

@@ -17,15 +17,23 @@ PARENT_RUN_ENV = "TEMPLATE_MLFLOW_PARENT_RUN_ID"
 
 
 def resolve_uri(cfg: DictConfig) -> DictConfig:
-    """Fix the MLflow store in the config, and start its tracking process so it opens during set-up."""
+    """Fix the MLflow store in the config (the saved config.yaml names the store its run is in)."""
     if not cfg.logging.mlflow:
         return cfg
     from src.tracking import resolve_tracking_uri
-    from src.tracking.mlflow_tracker import prestart
 
     uri = resolve_tracking_uri(cfg.logging.mlflow_tracking_uri, Path(cfg.output).resolve())
-    prestart(uri)  # MlflowTracker takes it over in start_trackers()
     return OmegaConf.merge(cfg, {"logging": {"mlflow_tracking_uri": uri}})
+
+
+def prestart_mlflow(cfg: DictConfig) -> None:
+    """Start MLflow's tracking process now, so its slow start (import, store migration) overlaps the
+    rest of set-up; `start_trackers` takes it over. Called once the run is known to go ahead, so a
+    refused start writes no store."""
+    if cfg.logging.mlflow:
+        from src.tracking.mlflow_tracker import prestart
+
+        prestart(cfg.logging.mlflow_tracking_uri)
 
 
 def experiment_name(cfg: DictConfig) -> str:
