@@ -246,6 +246,10 @@ def test_augmentation_depends_on_seed_epoch_and_index_only():
 
     flip = v2.Compose([v2.RandomResizedCrop(8, antialias=True), v2.RandomHorizontalFlip()])
     items = SeededItems(SyntheticClassification("train", flip, input_shape=(3, 8, 8), train_size=8), seed=3)
+    assert items.seeds, "a random transform must be seeded per sample"
+    plain = SeededItems(SyntheticClassification("train", None, input_shape=(3, 8, 8), train_size=8), seed=3)
+    assert not plain.seeds  # items that draw nothing random pay nothing
+    assert torch.equal(plain[(1, 5)][0], plain.dataset[5][0])
     torch.manual_seed(0)
     before = torch.get_rng_state()
     forward = items.__getitems__([(1, i) for i in range(8)])
