@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import gc
 import logging
 import math
 import time
@@ -359,6 +360,7 @@ class Trainer:
         self.window.trackers = self.trackers
         self.profiler = start_profiler(cfg.profiling, ctx, self.run_dir)
         self.step_lr = step_lr(self.optimizer)
+        gc.freeze()  # set-up's objects (modules, imports) leave the collector's view: no long pauses later
 
     @contextlib.contextmanager
     def _writes_finished(self) -> Iterator[None]:
