@@ -27,6 +27,12 @@ class TrainState:
     planned_epochs: int = 0  # the `epoch` the schedule was planned for (a change re-plans it on resume)
     early_stopped: bool = False  # early stopping ended the run: a re-run trains on only if `epoch` grows
 
+    def end_epoch(self, epoch: int) -> None:
+        """Epoch `epoch` is trained: the position moves to the next one's start, the sums start over."""
+        self.epoch, self.batches_done = epoch + 1, 0
+        self.epoch_loss_sum, self.epoch_samples = 0.0, 0
+        self.window_loss_sum, self.window_samples, self.window_parts = 0.0, 0, {}
+
     def epoch_train_loss(self) -> dict[str, float]:
         """`train_epoch_loss`, the mean over the epoch's samples (none before a window was logged)."""
         return {"train_epoch_loss": self.epoch_loss_sum / self.epoch_samples} if self.epoch_samples else {}

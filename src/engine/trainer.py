@@ -121,9 +121,7 @@ class Trainer:
                     monitor = metrics.get(str(self.cfg.checkpoint.monitor))
                     self.schedule.step(monitor if self.schedule.needs_metric else None)
                 self.window.log(metrics, None, self.state)
-                st.epoch, st.batches_done = epoch + 1, 0
-                st.epoch_loss_sum, st.epoch_samples = 0.0, 0
-                st.window_loss_sum, st.window_samples, st.window_parts = 0.0, 0, {}
+                st.end_epoch(epoch)
                 names = self.checkpointer.epoch_names(epoch, metrics)
                 st.early_stopped = self.early_stopping.should_stop(metrics)
                 self.checkpointer.save(names, f"epoch {epoch + 1}")
