@@ -62,7 +62,8 @@ def load(config: str | Path, overrides: Sequence[str]) -> DictConfig:
 
 def check(jobs: list[Job]) -> None:
     """Refuse a bad component name or argument now (exit 2), not once per run in a subprocess."""
-    from src.engine.build import import_user_modules, preflight
+    from src.engine.build import preflight
+    from src.user_modules import import_user_modules
 
     for job in jobs:
         import_user_modules(list(job.cfg.imports))
