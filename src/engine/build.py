@@ -105,6 +105,17 @@ def preflight(cfg: DictConfig) -> None:
     check_privacy_before_run(cfg)
 
 
+def _meta_model(cfg: DictConfig) -> torch.nn.Module | None:
+    """The model built on the meta device (no memory), or None where it cannot be: training then checks it."""
+    try:
+        with torch.device("meta"):
+            return build_model(cfg, cfg.model.get("num_classes") or cfg.evaluator.get("num_classes"))
+    except ConfigError:
+        raise
+    except Exception:  # a model that cannot be built on the meta device is checked when training builds it
+        return None
+
+
 def check_privacy_before_run(cfg: DictConfig) -> None:
     """training.privacy: Opacus installed, a supported combination, no BatchNorm (on the meta device)."""
     from src.engine.privacy import check_privacy, privacy_enabled
@@ -112,12 +123,8 @@ def check_privacy_before_run(cfg: DictConfig) -> None:
     if not privacy_enabled(cfg):
         return
     check_privacy(cfg)
-    try:
-        with torch.device("meta"):
-            model = build_model(cfg, cfg.model.get("num_classes") or cfg.evaluator.get("num_classes"))
-    except ConfigError:
-        raise
-    except Exception:  # a model that cannot be built on the meta device is checked when training builds it
+    model = _meta_model(cfg)
+    if model is None:
         return
     check_privacy(cfg, model)
 
@@ -133,12 +140,8 @@ def check_parameter_patterns(cfg: DictConfig) -> None:
 
     if "weights" in cfg.model:  # names only: never download or read pretrained weights here
         cfg = OmegaConf.merge(cfg, {"model": {"weights": None}})
-    try:
-        with torch.device("meta"):
-            model = build_model(cfg, cfg.model.get("num_classes") or cfg.evaluator.get("num_classes"))
-    except ConfigError:
-        raise
-    except Exception:  # a model that cannot be built on the meta device is checked when training builds it
+    model = _meta_model(cfg)
+    if model is None:
         return
     if plan_unfreezing(model, cfg.training):
         from src.engine.distributed import launched_by_torchrun
