@@ -32,9 +32,10 @@ def main() -> int:
 
     import src  # noqa: F401  (registers the built-in components)
     from src.config import load_config
-    from src.engine.build import import_user_modules, preflight
+    from src.engine.build import preflight
     from src.errors import TemplateError
     from src.tracking import setup_logging
+    from src.user_modules import import_user_modules
     from src.workflows.lr_find import lr_range_test, write_outputs
 
     try:

@@ -104,8 +104,8 @@ def main() -> int:
 
     import src  # noqa: F401  (registers the built-in components)
     from src.config import load_config
-    from src.engine.build import import_user_modules
     from src.errors import TemplateError
+    from src.user_modules import import_user_modules
 
     try:
         cfg = load_config(args.config, args.overrides)

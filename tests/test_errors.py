@@ -19,9 +19,10 @@ import torch
 
 from src import register_builtins
 from src.config import load_config
-from src.engine.build import import_user_modules, preflight
+from src.engine.build import preflight
 from src.engine.checkpoint import load_checkpoint
 from src.errors import ConfigError, RunError, did_you_mean, one_line
+from src.user_modules import import_user_modules
 from tests.helpers import ROOT, TINY, explain, only_run_dir, read_metrics, result_dirs, run_script
 
 register_builtins()

@@ -1,17 +1,13 @@
-"""What building a run needs beyond each package's own builder: user modules, the class count, preflight.
+"""What building a run needs beyond each package's own builder: the class count and preflight.
 
 Each package builds its own parts (src.models, src.data, src.evaluators, src.optim); this module
-imports the user's modules first, settles the class count that model and evaluator share, and checks
+settles the class count that model and evaluator share, and checks
 every section before a result directory exists.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-import sys
-import traceback
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,40 +24,6 @@ from src.evaluators import EVALUATOR_REGISTRY
 from src.models import LOSS_REGISTRY, MODEL_REGISTRY, build_loss, build_model
 
 log = logging.getLogger("template")
-
-
-def import_user_modules(modules: list[str]) -> None:
-    """Import the config's `imports:` so their decorators register components before anything is built."""
-    if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    for name in modules:
-        if not name or "/" in name or "\\" in name or name.endswith(".py"):
-            raise ConfigError(
-                f"imports: '{name}' is not a module name; write it the way Python imports it, e.g. mypkg.models"
-            )
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name is None or not (name == err.name or name.startswith(err.name + ".")):
-                raise _import_error(name, err) from None
-            raise ConfigError(
-                f"imports: no module named '{err.name}' (searched the Python path, which includes {Path.cwd()}); "
-                "run from the folder that holds it, add that folder to PYTHONPATH, or pip install it"
-            ) from None
-        except Exception as err:
-            raise _import_error(name, err) from None
-
-
-def _import_error(name: str, err: Exception) -> ConfigError:
-    """The user module's own error, pointing at its file and line (not at importlib's frames)."""
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith("<")]
-    if isinstance(err, SyntaxError):  # its message already names the file and line
-        where = ""
-    elif frames:
-        where = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno})"
-    else:
-        where = ""
-    return ConfigError(f"imports: module '{name}' failed to import: {type(err).__name__}: {err}{where}")
 
 
 def build_split(cfg: DictConfig, split: str, ctx: DistContext, shuffle: bool, transforms: dict) -> Split:
@@ -143,6 +105,17 @@ def preflight(cfg: DictConfig) -> None:
     check_privacy_before_run(cfg)
 
 
+def _meta_model(cfg: DictConfig) -> torch.nn.Module | None:
+    """The model built on the meta device (no memory), or None where it cannot be: training then checks it."""
+    try:
+        with torch.device("meta"):
+            return build_model(cfg, cfg.model.get("num_classes") or cfg.evaluator.get("num_classes"))
+    except ConfigError:
+        raise
+    except Exception:  # a model that cannot be built on the meta device is checked when training builds it
+        return None
+
+
 def check_privacy_before_run(cfg: DictConfig) -> None:
     """training.privacy: Opacus installed, a supported combination, no BatchNorm (on the meta device)."""
     from src.engine.privacy import check_privacy, privacy_enabled
@@ -150,12 +123,8 @@ def check_privacy_before_run(cfg: DictConfig) -> None:
     if not privacy_enabled(cfg):
         return
     check_privacy(cfg)
-    try:
-        with torch.device("meta"):
-            model = build_model(cfg, cfg.model.get("num_classes") or cfg.evaluator.get("num_classes"))
-    except ConfigError:
-        raise
-    except Exception:  # a model that cannot be built on the meta device is checked when training builds it
+    model = _meta_model(cfg)
+    if model is None:
         return
     check_privacy(cfg, model)
 
@@ -171,12 +140,8 @@ def check_parameter_patterns(cfg: DictConfig) -> None:
 
     if "weights" in cfg.model:  # names only: never download or read pretrained weights here
         cfg = OmegaConf.merge(cfg, {"model": {"weights": None}})
-    try:
-        with torch.device("meta"):
-            model = build_model(cfg, cfg.model.get("num_classes") or cfg.evaluator.get("num_classes"))
-    except ConfigError:
-        raise
-    except Exception:  # a model that cannot be built on the meta device is checked when training builds it
+    model = _meta_model(cfg)
+    if model is None:
         return
     if plan_unfreezing(model, cfg.training):
         from src.engine.distributed import launched_by_torchrun

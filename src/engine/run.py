@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.config import load_config
 from src.engine import distributed as dist_utils
-from src.engine.build import import_user_modules, preflight
+from src.engine.build import preflight
 from src.engine.checkpoint import find_resume_state, load_checkpoint
 from src.engine.precision import nondeterministic_op, prepare_determinism
 from src.engine.run_dir import (
@@ -30,6 +30,7 @@ from src.engine.trainer import Trainer
 from src.errors import ConfigError, RunError, TemplateError
 from src.tracking import setup_logging
 from src.tracking.start import experiment_name, resolve_uri
+from src.user_modules import import_user_modules
 
 log = logging.getLogger("template")
 

@@ -67,14 +67,7 @@ def cross_validate(config: str, overrides: list[str], folds: list[int] | None, g
         state.get("mlflow_run_id"),
     )
     state.update(config=str(config), overrides=list(overrides), folds=folds)
-    if parent is not None:
-        state["mlflow_run_id"] = parent.run_id
-    runs.write_state(cv_dir, "cv", state)
-    env = {}
-    if parent is not None:
-        from src.tracking.start import PARENT_RUN_ENV
-
-        env[PARENT_RUN_ENV] = parent.run_id
+    env = runs.record_parent(cv_dir, "cv", state, parent)
     failed: list[runs.Job] = []
     try:
         runs.run_jobs(jobs, gpus, env, cv_dir / "logs")

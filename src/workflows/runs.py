@@ -62,7 +62,8 @@ def load(config: str | Path, overrides: Sequence[str]) -> DictConfig:
 
 def check(jobs: list[Job]) -> None:
     """Refuse a bad component name or argument now (exit 2), not once per run in a subprocess."""
-    from src.engine.build import import_user_modules, preflight
+    from src.engine.build import preflight
+    from src.user_modules import import_user_modules
 
     for job in jobs:
         import_user_modules(list(job.cfg.imports))
@@ -302,3 +303,19 @@ def open_parent_run(cfg: DictConfig, name: str, tags: dict[str, str], run_id: st
     cfg = resolve_uri(cfg)
     tracker = MlflowTracker(cfg.logging.mlflow_tracking_uri, experiment_name(cfg), name, tags, run_id=run_id)
     return tracker if tracker.run_id else None
+
+
+def record_parent(path: Path, kind: str, state: dict[str, Any], parent: Any) -> dict[str, str]:
+    """Save the parent run's id in the workflow state (a rerun reopens it) and write the state.
+
+    Returns the environment that nests each child run under the parent (empty with MLflow off).
+    """
+    if parent is not None:
+        state["mlflow_run_id"] = parent.run_id
+    write_state(path, kind, state)
+    env: dict[str, str] = {}
+    if parent is not None:
+        from src.tracking.start import PARENT_RUN_ENV
+
+        env[PARENT_RUN_ENV] = parent.run_id
+    return env

@@ -151,14 +151,7 @@ def sweep(
         state.get("mlflow_run_id"),
     )
     state.update(config=str(config), settings=list(items), random=random_n, seed=seed)
-    if parent is not None:
-        state["mlflow_run_id"] = parent.run_id
-    runs.write_state(sweep_dir, "sweep", state)
-    env = {}
-    if parent is not None:
-        from src.tracking.start import PARENT_RUN_ENV
-
-        env[PARENT_RUN_ENV] = parent.run_id
+    env = runs.record_parent(sweep_dir, "sweep", state, parent)
     failed: list[runs.Job] = []
     try:
         runs.run_jobs(jobs, gpus or [], env, sweep_dir / "logs")
