@@ -226,11 +226,13 @@ def test_sigkill_mid_epoch_resumes_bit_exact_with_each_step_logged_once(setup, s
     assert result_dirs(out) == [run_dir]
     assert_same_training_state(run_dir, stepwise_reference)
 
-    # O(1) mid-epoch resume: only the epoch's remaining samples are read (plus the model's shape probe),
-    # none of the batches already trained are loaded to skip them.
+    # O(1) mid-epoch resume: only the epoch's remaining samples are read (plus the model's shape probe
+    # and the items tried for randomness at start), none of the batches already trained are loaded.
+    from src.data.seeded import PROBED_ITEMS
+
     remaining = 96 - saved["batches_done"] * 8
     reads = trace.read_text().split()
-    assert remaining <= len(reads) <= remaining + 2, (
+    assert remaining <= len(reads) <= remaining + 2 + PROBED_ITEMS, (
         f"{len(reads)} train reads for {remaining} remaining samples"
     )
 

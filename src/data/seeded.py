@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
 MASK = 2**64 - 1
+PROBED_ITEMS = 3  # items made at start to see whether the training set draws random numbers
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -89,7 +90,7 @@ class SeededItems(Dataset):
         return self.dataset[index]
 
 
-def draws_random_numbers(dataset: Dataset, probes: int = 3) -> bool:
+def draws_random_numbers(dataset: Dataset, probes: int = PROBED_ITEMS) -> bool:
     """Whether making an item moves Python's, NumPy's or torch's global random stream.
 
     Tried on the first `probes` items (a random transform draws on every call, even when it then
