@@ -10,10 +10,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import src  # noqa: F401
+from src import DATASET_REGISTRY  # registers the built-in datasets on first access
 from src.engine.distillation import Distiller
 from src.models.build import build_model
-from src.registry import DATASET_REGISTRY
 from tests.helpers import explain, only_run_dir, run_script, start_script, state_differences
 
 BASE = [
