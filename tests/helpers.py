@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +93,78 @@ def wait_for_step(proc: subprocess.Popen, output: Path, step: int, timeout: floa
             return
         time.sleep(0.02)
     raise AssertionError(f"step {step} was not logged within {timeout:.0f} s")
+
+
+SLOW_MLP = """
+import os
+import time
+
+from src.models.small import MLP
+from src.registry import MODEL_REGISTRY
+
+
+@MODEL_REGISTRY.register()
+class SlowMLP(MLP):
+    def forward(self, x):
+        if self.training:
+            time.sleep(float(os.environ.get("SLEEP_ENV", "0")))
+        return super().forward(x)
+"""
+
+
+def slow_mlp_source(sleep_env: str) -> str:
+    """A user module registering SlowMLP: an MLP whose training steps sleep `$sleep_env` s, so a kill lands mid-epoch."""
+    return SLOW_MLP.replace("SLEEP_ENV", sleep_env)
+
+
+def user_module_config(tmp_path: Path, module: str, source: str, config: str) -> tuple[Path, dict[str, str]]:
+    """Write `module`.py into tmp_path/pkg and the config to exp.yaml (both dedented).
+
+    Returns the config path and the env (PYTHONPATH) under which train.py imports the module.
+    """
+    import textwrap
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / f"{module}.py").write_text(textwrap.dedent(source))
+    path = tmp_path / "exp.yaml"
+    path.write_text(textwrap.dedent(config))
+    python_path = os.pathsep.join(p for p in (str(tmp_path / "pkg"), os.environ.get("PYTHONPATH", "")) if p)
+    return path, {"PYTHONPATH": python_path}
+
+
+def wait_for_line(proc: subprocess.Popen, log_file: Path, text: str, timeout: float = 120.0) -> None:
+    """Block until `text` appears in the run's console log; fails if the run ends first.
+
+    After `timeout` s it returns anyway (the caller's kill then lands wherever the run is).
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while text not in log_file.read_text() and time.monotonic() < deadline:
+        assert proc.poll() is None, log_file.read_text()
+        time.sleep(0.01)
+
+
+def sigkill_after(proc: subprocess.Popen, wait: Callable[[], None]) -> None:
+    """Call `wait` (until the moment to kill), then SIGKILL the run and check it died of it.
+
+    The run is killed and reaped even when `wait` fails, so no orphan outlives the test.
+    """
+    try:
+        wait()
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def assert_same_states(got: dict, want: dict, keys: tuple[str, ...]) -> None:
+    """Each of `keys` in two loaded checkpoints is bit-identical (a resumed run against an uninterrupted one)."""
+    for key in keys:
+        diffs = state_differences(got[key], want[key])
+        assert not diffs, (key, diffs[:5])
 
 
 def state_differences(a: object, b: object, where: str = "") -> list[str]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,15 @@ from omegaconf import OmegaConf
 from src import DATASET_REGISTRY  # registers the built-in datasets on first access
 from src.engine.distillation import Distiller
 from src.models.build import build_model
-from tests.helpers import explain, only_run_dir, run_script, start_script, state_differences
+from tests.helpers import (
+    assert_same_states,
+    explain,
+    only_run_dir,
+    run_script,
+    sigkill_after,
+    start_script,
+    wait_for_line,
+)
 
 BASE = [
     "logging.mlflow=false",
@@ -90,21 +96,10 @@ def test_a_distilled_student_follows_its_teacher_and_resumes_exactly(tmp_path):
     console = out / "console.log"
     run = start_script("train.py", "config/dummy.yaml", f"output={out}", *student_args, *distill,
                        "checkpoint.save_every_n_steps=1", "dataloader.num_workers=0", log_file=console)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while "checkpoint saved (step 11)" not in console.read_text() and time.monotonic() < deadline:
-            assert run.poll() is None, console.read_text()
-            time.sleep(0.01)
-        run.send_signal(signal.SIGKILL)
-        assert run.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+    sigkill_after(run, lambda: wait_for_line(run, console, "checkpoint saved (step 11)"))
     killed = only_run_dir(out)
     assert not (killed / "summary.txt").exists()
     proc = run_script("train.py", str(killed / "config.yaml"))
     assert proc.returncode == 0, explain(proc)
     got = torch.load(killed / "checkpoints" / "last.pth", weights_only=True)
-    assert not state_differences(got["model"], saved["model"])
-    assert not state_differences(got["optimizer"], saved["optimizer"])
+    assert_same_states(got, saved, ("model", "optimizer"))

@@ -6,9 +6,6 @@ across the epoch where frozen layers join the optimizer and compares the end sta
 
 from __future__ import annotations
 
-import os
-import signal
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -23,11 +20,14 @@ from src.optim import build_optimizer, build_scheduler
 from src.optim.param_groups import add_group, mark_base_lrs
 from tests.helpers import (
     ROOT,
+    assert_same_states,
     explain,
     only_run_dir,
     run_script,
+    sigkill_after,
+    slow_mlp_source,
     start_script,
-    state_differences,
+    user_module_config,
     wait_for_step,
 )
 
@@ -143,21 +143,7 @@ def test_unfreeze_needs_frozen_parameters():
 
 
 # ---------------------------------------------------------------------- exact resume across the unfreeze epoch
-PARTS = """
-import os
-import time
-
-from src.models.small import MLP
-from src.registry import MODEL_REGISTRY
-
-
-@MODEL_REGISTRY.register()
-class SlowMLP(MLP):
-    def forward(self, x):
-        if self.training:
-            time.sleep(float(os.environ.get("FINETUNE_TEST_SLEEP", "0")))
-        return super().forward(x)
-"""
+PARTS = slow_mlp_source("FINETUNE_TEST_SLEEP")
 
 # 48 samples / batch 8 = 6 steps per epoch; net.1 is frozen for epoch 1 and joins at lr x 0.1 in epoch 2.
 CONFIG = f"""
@@ -180,12 +166,7 @@ logging: {{log_frequency: 1, mlflow: false, tensorboard: false, progress_bar: fa
 
 @pytest.mark.slow
 def test_sigkill_across_the_unfreeze_epoch_resumes_bit_exact(tmp_path):
-    (tmp_path / "pkg").mkdir()
-    (tmp_path / "pkg" / "finetune_parts.py").write_text(PARTS)
-    config = tmp_path / "exp.yaml"
-    config.write_text(textwrap.dedent(CONFIG))
-    path = os.pathsep.join(p for p in (str(tmp_path / "pkg"), os.environ.get("PYTHONPATH", "")) if p)
-    env = {"PYTHONPATH": path}
+    config, env = user_module_config(tmp_path, "finetune_parts", PARTS, CONFIG)
 
     ref_out = tmp_path / "ref"
     proc = run_script("train.py", str(config), f"output={ref_out}", env=env)
@@ -212,18 +193,10 @@ def test_sigkill_across_the_unfreeze_epoch_resumes_bit_exact(tmp_path):
     out.mkdir()
     run = start_script("train.py", str(config), f"output={out}", log_file=out / "console.log",
                        env={**env, "FINETUNE_TEST_SLEEP": "0.1"})  # fmt: skip
-    try:
-        wait_for_step(run, out, 8)
-        run.send_signal(signal.SIGKILL)
-        assert run.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+    sigkill_after(run, lambda: wait_for_step(run, out, 8))
     killed = only_run_dir(out)
     assert not (killed / "checkpoints" / "epoch_0003.pth").exists()
     proc = run_script("train.py", str(killed / "config.yaml"), env=env)
     assert proc.returncode == 0, explain(proc)
     got = ckpt(killed, "last.pth")
-    for key in ("model", "optimizer", "scheduler"):
-        assert not state_differences(got[key], final[key]), (key, state_differences(got[key], final[key])[:5])
+    assert_same_states(got, final, ("model", "optimizer", "scheduler"))

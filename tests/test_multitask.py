@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import textwrap
-import time
-
 import pytest
 import torch
 
@@ -14,12 +9,15 @@ from src.errors import ConfigError, RunError
 from src.models import LOSS_REGISTRY
 from tests.helpers import (
     ROOT,
+    assert_same_states,
     explain,
     only_run_dir,
     read_metrics,
     run_script,
+    sigkill_after,
     start_script,
-    state_differences,
+    user_module_config,
+    wait_for_line,
 )
 
 
@@ -125,12 +123,7 @@ logging: {{log_frequency: 4, mlflow: false, tensorboard: false, progress_bar: fa
 
 @pytest.mark.slow
 def test_each_task_loss_is_logged_and_a_kill_mid_window_resumes_exactly(tmp_path):
-    (tmp_path / "pkg").mkdir()
-    (tmp_path / "pkg" / "multitask_parts.py").write_text(textwrap.dedent(PARTS))
-    config = tmp_path / "exp.yaml"
-    config.write_text(textwrap.dedent(CONFIG))
-    path = os.pathsep.join(p for p in (str(tmp_path / "pkg"), os.environ.get("PYTHONPATH", "")) if p)
-    env = {"PYTHONPATH": path}
+    config, env = user_module_config(tmp_path, "multitask_parts", PARTS, CONFIG)
 
     proc = run_script("train.py", str(config), f"output={tmp_path / 'ref'}", env=env)
     assert proc.returncode == 0, explain(proc)
@@ -153,24 +146,13 @@ def test_each_task_loss_is_logged_and_a_kill_mid_window_resumes_exactly(tmp_path
     console = out / "console.log"
     run = start_script("train.py", str(config), f"output={out}", log_file=console,
                        env={**env, "MULTITASK_TEST_SLEEP": "0.1"})  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while "checkpoint saved (step 10)" not in console.read_text() and time.monotonic() < deadline:
-            assert run.poll() is None, console.read_text()
-            time.sleep(0.02)
-        run.send_signal(signal.SIGKILL)
-        assert run.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+    sigkill_after(run, lambda: wait_for_line(run, console, "checkpoint saved (step 10)"))
     killed = only_run_dir(out)
     proc = run_script("train.py", str(killed / "config.yaml"), env=env)
     assert proc.returncode == 0, explain(proc)
     got = torch.load(killed / "checkpoints" / "last.pth", map_location="cpu", weights_only=True)
     want = torch.load(ref / "checkpoints" / "last.pth", map_location="cpu", weights_only=True)
-    assert not state_differences(got["model"], want["model"])
-    assert not state_differences(got["optimizer"], want["optimizer"])
+    assert_same_states(got, want, ("model", "optimizer"))
     keep = (
         "epoch",
         "step",

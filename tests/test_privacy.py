@@ -8,10 +8,7 @@ and checks epsilon against Opacus's own accountant.
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -27,12 +24,15 @@ from src.models import build_model
 from tests.helpers import (
     ROOT,
     TINY,
+    assert_same_states,
     explain,
     only_run_dir,
     read_metrics,
     run_script,
+    sigkill_after,
+    slow_mlp_source,
     start_script,
-    state_differences,
+    user_module_config,
     wait_for_step,
 )
 
@@ -127,21 +127,7 @@ def test_train_py_refuses_a_batchnorm_model_before_writing_anything(tmp_path):
 
 
 # ---------------------------------------------------------------------- exact resume mid-epoch
-PARTS = """
-import os
-import time
-
-from src.models.small import MLP
-from src.registry import MODEL_REGISTRY
-
-
-@MODEL_REGISTRY.register()
-class SlowMLP(MLP):
-    def forward(self, x):
-        if self.training:
-            time.sleep(float(os.environ.get("PRIVACY_TEST_SLEEP", "0")))
-        return super().forward(x)
-"""
+PARTS = slow_mlp_source("PRIVACY_TEST_SLEEP")
 
 # 48 samples, expected batch 8: 6 Poisson draws per epoch (q = 1/6); killed at step 8, in epoch 2.
 CONFIG = f"""
@@ -166,12 +152,7 @@ def epsilons(run: Path) -> list[float]:
 def test_sigkill_mid_epoch_resumes_bit_exact_with_the_same_epsilon(tmp_path):
     from opacus.accountants import RDPAccountant
 
-    (tmp_path / "pkg").mkdir()
-    (tmp_path / "pkg" / "privacy_parts.py").write_text(PARTS)
-    config = tmp_path / "exp.yaml"
-    config.write_text(textwrap.dedent(CONFIG))
-    path = os.pathsep.join(p for p in (str(tmp_path / "pkg"), os.environ.get("PYTHONPATH", "")) if p)
-    env = {"PYTHONPATH": path}
+    config, env = user_module_config(tmp_path, "privacy_parts", PARTS, CONFIG)
 
     ref_out = tmp_path / "ref"
     proc = run_script("train.py", str(config), f"output={ref_out}", env=env)
@@ -190,14 +171,7 @@ def test_sigkill_mid_epoch_resumes_bit_exact_with_the_same_epsilon(tmp_path):
     out.mkdir()
     run = start_script("train.py", str(config), f"output={out}", "logging.mlflow=true", "logging.tensorboard=true",
                        log_file=out / "console.log", env={**env, "PRIVACY_TEST_SLEEP": "0.1"})  # fmt: skip
-    try:
-        wait_for_step(run, out, 8)
-        run.send_signal(signal.SIGKILL)
-        assert run.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+    sigkill_after(run, lambda: wait_for_step(run, out, 8))
     killed = only_run_dir(out)
     assert len(epsilons(killed)) == 1  # killed inside epoch 2
     proc = run_script("train.py", str(killed / "config.yaml"), env=env)
@@ -207,8 +181,7 @@ def test_sigkill_mid_epoch_resumes_bit_exact_with_the_same_epsilon(tmp_path):
         return torch.load(run / "checkpoints" / "last.pth", map_location="cpu", weights_only=True)
 
     got, want = ckpt(killed), ckpt(ref)
-    for key in ("model", "optimizer", "privacy", "rng"):
-        assert not state_differences(got[key], want[key]), (key, state_differences(got[key], want[key])[:5])
+    assert_same_states(got, want, ("model", "optimizer", "privacy", "rng"))
     assert epsilons(killed)[-2:] == logged[-2:]
 
     # The same epsilon per epoch, each once, in MLflow and TensorBoard across the kill.
