@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -93,7 +94,7 @@ def test_mlflow_run_holds_params_metrics_artifact_figure(store: str, tmp_path: P
 def test_mlflow_reopened_run_after_crash_has_each_step_once(store: str) -> None:
     first = MlflowTracker(store, "resume", "run_b", tags={})
     _log_steps(first, range(0, 5))
-    state = first.state()
+    state = first.complete(first.state())  # as the checkpoint writer does
     first.commit()
     assert first.flush(timeout=60)
     _log_steps(first, range(5, 8), offset=100.0)  # logged after the checkpoint: lost with the crash
@@ -126,6 +127,39 @@ def test_mlflow_reopened_run_after_crash_has_each_step_once(store: str) -> None:
     assert run.data.metrics["test_accuracy"] == 0.75
 
 
+def test_mlflow_state_never_waits_for_the_run_and_the_writer_fills_in_its_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint taken before MLflow's child has opened the run costs training nothing: the run
+    id is filled in on the writer's thread, and user code is pointed at the run once it opens."""
+    import threading
+
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracker = MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "early", "run_g", tags={})
+    os.kill(tracker._child.process.pid, signal.SIGSTOP)  # the child cannot open the run until SIGCONT
+    try:
+        _log_steps(tracker, range(3))
+        state = tracker.state()  # would hang here if it waited for the run
+        tracker.make_active(wait=False)
+        assert state["run_id"] is None and len(state["pending"]) == 3
+        assert "MLFLOW_RUN_ID" not in os.environ
+        completed: list[dict] = []
+        writer = threading.Thread(target=lambda: completed.append(tracker.complete(state)))
+        writer.start()
+        writer.join(0.5)
+        assert writer.is_alive()  # the writer's thread is the one that waits
+    finally:
+        os.kill(tracker._child.process.pid, signal.SIGCONT)
+    writer.join(120)
+    assert completed[0]["run_id"] == tracker.run_id is not None
+    assert completed[0]["pending"] == state["pending"]
+    assert os.environ["MLFLOW_RUN_ID"] == tracker.run_id
+    tracker.commit()
+    tracker.finish("FINISHED")
+    assert _steps(f"sqlite:///{tmp_path / 'mlflow.db'}", tracker.run_id, "train_loss") == [0, 1, 2]
+
+
 @pytest.mark.slow
 def test_mlflow_sigkill_right_after_commit_loses_nothing(store: str) -> None:
     """The commit may not have reached the store when the process dies; resume sends it then."""
@@ -137,7 +171,7 @@ def test_mlflow_sigkill_right_after_commit_loses_nothing(store: str) -> None:
         tracker = MlflowTracker({store!r}, "killed", "run_c", tags={{}})
         for step in range(5):
             tracker.log_metrics({{"train_loss": float(step)}}, step=step, epoch=0)
-        print(json.dumps(tracker.state()), flush=True)
+        print(json.dumps(tracker.complete(tracker.state())), flush=True)
         tracker.commit()
         os.kill(os.getpid(), signal.SIGKILL)
         """

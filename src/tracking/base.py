@@ -32,8 +32,15 @@ class Tracker:
         """Called right after a checkpoint holding `state()` is durably written."""
 
     def state(self) -> dict[str, Any]:
-        """Small JSON-able dict saved inside each checkpoint."""
+        """Small JSON-able dict saved inside each checkpoint; taken at a step boundary, so it never waits."""
         return {}
+
+    def complete(self, state: dict[str, Any]) -> dict[str, Any]:
+        """`state` with what only arrives later filled in (MLflow's run id); may wait.
+
+        Called on the checkpoint writer's thread, before the file holding `state` is written.
+        """
+        return state
 
     def resume(self, state: dict[str, Any]) -> None:
         """Called once at start when resuming from a checkpoint that saved `state()`."""
@@ -70,6 +77,14 @@ class MultiTracker(Tracker):
 
     def state(self) -> dict[str, Any]:
         return {type(tracker).__name__: tracker.state() for tracker in self.trackers}
+
+    def complete(self, state: dict[str, Any]) -> dict[str, Any]:
+        done = dict(state)
+        for tracker in self.trackers:
+            name = type(tracker).__name__
+            if name in done:
+                done[name] = tracker.complete(done[name])
+        return done
 
     def resume(self, state: dict[str, Any]) -> None:
         for tracker in self.trackers:

@@ -119,6 +119,7 @@ class MlflowTracker(Tracker):
         self._wanted_run_id = run_id
         self._run_id: str | None = None
         self._opened = threading.Event()
+        self._activate_on_open = False  # make_active(wait=False) came before the run was open
         self._off = False  # the store could not be opened: drop everything
         self._finished = False
         self._gone = False  # the child ended: keep events for the checkpoint, send nothing more
@@ -177,11 +178,15 @@ class MlflowTracker(Tracker):
             self._outbox.put(("figure", name, buffer.getvalue(), step))
 
     def state(self) -> dict[str, Any]:
-        run_id = self.run_id
+        """The events a checkpoint taken now covers; the run id is None until the child has opened
+        the run (`complete` fills it in on the checkpoint writer's thread, so training never waits)."""
         with self._lock:
             self._covered = len(self._events)
             pending = [list(event) for event in self._events]
-        return {"run_id": run_id, "pending": pending}
+        return {"run_id": self._run_id, "pending": pending}
+
+    def complete(self, state: dict[str, Any]) -> dict[str, Any]:
+        return state if state["run_id"] is not None else {**state, "run_id": self.run_id}
 
     def commit(self) -> None:
         """Send what the last checkpoint holds; later events wait for the next checkpoint."""
@@ -206,16 +211,22 @@ class MlflowTracker(Tracker):
             self._covered = self._sent
             self._outbox.put(("resume_events", pending))
 
-    def make_active(self) -> None:
+    def make_active(self, wait: bool = True) -> None:
         """Let `mlflow.log_metric(...)` in user code (a custom evaluator, say) land in this run.
 
         MLflow's fluent API resumes the run named by $MLFLOW_RUN_ID, in the store named by
-        $MLFLOW_TRACKING_URI, on its first call; this process never imports MLflow itself. Waits
-        until the child reports the run, so call it once, before user code may log; `finish` ends
-        that fluent run before the child writes the real status, so MLflow's exit hook cannot mark
-        a failed run FINISHED.
+        $MLFLOW_TRACKING_URI, on its first call; this process never imports MLflow itself. `wait`:
+        block until the child reports the run, for user code about to log; otherwise, if the run is
+        not open yet, the reader thread sets the variables once it is. `finish` ends that fluent run
+        before the child writes the real status, so MLflow's exit hook cannot mark a failed run FINISHED.
         """
-        run_id = self.run_id
+        with self._lock:
+            if self._run_id is None and not self._opened.is_set():
+                self._activate_on_open = True
+        if wait or self._opened.is_set():
+            self._point_user_code(self.run_id)
+
+    def _point_user_code(self, run_id: str | None) -> None:
         if run_id is not None:
             os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri
             os.environ["MLFLOW_RUN_ID"] = run_id
@@ -313,7 +324,10 @@ class MlflowTracker(Tracker):
                     if run_id is None:
                         self._switch_off(f"could not open {self.tracking_uri}: {error}")
                     else:
-                        self._run_id = run_id
+                        with self._lock:
+                            self._run_id = run_id
+                            if self._activate_on_open:
+                                self._point_user_code(run_id)
                         self._opened.set()
                 elif op == "confirmed":
                     with self._lock:  # written: forget them, keeping the counters relative to the front

@@ -72,17 +72,18 @@ def start_trackers(cfg: DictConfig, run_dir: Path, saved: dict | None, step: int
     return multi
 
 
-def activate_mlflow(trackers: Any) -> None:
+def activate_mlflow(trackers: Any, wait: bool = True) -> None:
     """Make `mlflow.log_metric(...)` in user code (a custom evaluator) land in this run's MLflow run.
 
-    Waits until the tracking process has opened the run (it starts before the model is built, so it
-    usually has); the trainer calls it before the first validation rather than at start.
+    `wait`: until the tracking process has opened the run (it starts before the model is built, so it
+    usually has); without it the run is pointed at as soon as it opens. The trainer calls it before
+    the first validation, waiting only when the evaluator is a user's.
     """
     from src.tracking import MlflowTracker
 
     for tracker in getattr(trackers, "trackers", []):
         if isinstance(tracker, MlflowTracker):
-            tracker.make_active()
+            tracker.make_active(wait)
 
 
 def _git_tags() -> dict[str, str]:
