@@ -64,6 +64,20 @@ class Preset:
     workers: int | str = 0  # both loops' num_workers ("auto": the Trainer's rule, the bare loop's own pick)
 
 
+# The CUDA presets below start from this one: bf16 and channels_last, 3 rounds of 3 epochs of 40 steps.
+_RESNET50_CUDA = Preset(
+    device="cuda",
+    model={"name": "resnet50"},
+    input_shape=(3, 224, 224),
+    batch=64,
+    steps_per_epoch=40,
+    epochs=3,
+    rounds=3,
+    precision="bf16",
+    channels_last=True,
+    bare_model="__import__('torchvision').models.resnet50(num_classes=10)",
+)
+
 PRESETS = {
     "mlp-cpu": Preset(
         device="cpu",
@@ -88,44 +102,20 @@ PRESETS = {
         rounds=3,
         bare_model="__import__('torchvision').models.resnet18(num_classes=10)",
     ),
-    "resnet50-cuda": Preset(
-        device="cuda",
-        model={"name": "resnet50"},
-        input_shape=(3, 224, 224),
-        batch=64,
-        steps_per_epoch=40,
-        epochs=3,
-        rounds=3,
-        precision="bf16",
-        channels_last=True,
-        bare_model="__import__('torchvision').models.resnet50(num_classes=10)",
-    ),
+    "resnet50-cuda": _RESNET50_CUDA,
     # Compute-bound: batches are slices of tensors already on the GPU, so any gap is the loop's own.
-    "resnet50-cuda-resident": Preset(
-        device="cuda",
-        model={"name": "resnet50"},
-        input_shape=(3, 224, 224),
+    "resnet50-cuda-resident": dataclasses.replace(
+        _RESNET50_CUDA,
         batch=128,
-        steps_per_epoch=40,
-        epochs=3,
-        rounds=3,
-        precision="bf16",
-        channels_last=True,
         resident=True,
-        bare_model="__import__('torchvision').models.resnet50(num_classes=10)",
         extra=["dataloader.num_workers=0", "dataloader.pin_memory=false"],
     ),
     # The data path: uint8 images turned into floats and flipped per sample in loader workers.
-    "data-path-cuda": Preset(
-        device="cuda",
+    "data-path-cuda": dataclasses.replace(
+        _RESNET50_CUDA,
         model={"name": "resnet18"},
         input_shape=(3, 160, 160),
         batch=128,
-        steps_per_epoch=40,
-        epochs=3,
-        rounds=3,
-        precision="bf16",
-        channels_last=True,
         decode=True,
         workers="auto",
         bare_model="__import__('torchvision').models.resnet18(num_classes=10)",

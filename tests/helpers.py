@@ -209,3 +209,48 @@ def run_shell(command: str, env: dict | None = None, timeout: int = 600) -> subp
     return subprocess.run(
         ["bash", "-c", command], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def run_in_terminal(argv: list[str], rows: int, cols: int, cwd: Path = ROOT, timeout: float = 300.0) -> str:
+    """Run a command with stdout and stderr on a rows x cols pseudo-terminal; all it wrote there.
+
+    The environment is a colour terminal's (TERM=xterm, NO_COLOR unset), so the run draws bars and
+    colours as it would for a user. It must exit 0 within `timeout` s, or it is killed and the test fails.
+    """
+    import contextlib
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    import time
+
+    main_fd, child_fd = pty.openpty()
+    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TERM": "xterm"}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen(
+        argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=child_fd, stderr=child_fd
+    )
+    os.close(child_fd)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        # select, so that a run which hangs without writing still ends at the deadline
+        while select.select([main_fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            try:
+                data = os.read(main_fd, 65536)
+            except OSError:  # EIO: every writer closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        os.close(main_fd)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{text[-4000:]}"
+    return text

@@ -10,12 +10,21 @@ import resource
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, TINY, explain, read_metrics, result_dirs, run_script, run_shell, shell_env
+from tests.helpers import (
+    ROOT,
+    TINY,
+    explain,
+    read_metrics,
+    result_dirs,
+    run_in_terminal,
+    run_script,
+    run_shell,
+    shell_env,
+)
 
 DUMMY = str(ROOT / "config" / "dummy.yaml")
 NO_TRACKERS = ["logging.mlflow=false", "logging.tensorboard=false"]
@@ -186,41 +195,6 @@ def test_missing_config_file_suggests_the_near_one_and_overrides_are_optional():
 
 
 # ---------------------------------------------------------------------- a run on a terminal, then resumed
-def run_in_terminal(argv: list[str], cwd: Path, rows: int = 0, cols: int = 0, timeout: float = 300.0) -> str:
-    """Run a command on a pseudo-terminal of the given size (0x0 as some CI terminals report)."""
-    import fcntl
-    import pty
-    import struct
-    import termios
-
-    main_fd, child_fd = pty.openpty()
-    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TERM": "xterm"}
-    env.pop("NO_COLOR", None)
-    proc = subprocess.Popen(
-        argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=child_fd, stderr=child_fd
-    )
-    os.close(child_fd)
-    chunks, deadline = [], time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            try:
-                data = os.read(main_fd, 65536)
-            except OSError:
-                break
-            if not data:
-                break
-            chunks.append(data)
-    finally:
-        os.close(main_fd)
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=60)
-    text = b"".join(chunks).decode(errors="replace")
-    assert proc.returncode == 0, text[-4000:]
-    return text
-
-
 @pytest.fixture(scope="module")
 def terminal_run(tmp_path_factory):
     """A first run (MLflow on) on a 0x0 terminal with output=out (relative), then resumed through a pipe."""
@@ -229,7 +203,8 @@ def terminal_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("terminal")
     small = ["epoch=2", "batch=16", "dataset.train_size=16", "dataset.val_size=16", "dataset.test_size=16",
              "logging.tensorboard=false", "logging.progress_bar=true"]  # fmt: skip
-    text = run_in_terminal([sys.executable, str(ROOT / "train.py"), DUMMY, "output=out", *small], cwd=work)
+    argv = [sys.executable, str(ROOT / "train.py"), DUMMY, "output=out", *small]
+    text = run_in_terminal(argv, rows=0, cols=0, cwd=work)  # 0x0, as some CI terminals report
     run = result_dirs(work / "out")[0]
     first_metrics = read_metrics(run)
     resumed = run_script(

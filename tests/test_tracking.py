@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import re
-import select
 import signal
-import struct
 import subprocess
 import sys
-import termios
 import textwrap
 from pathlib import Path
 
@@ -27,6 +23,7 @@ from src.tracking import (
     resolve_tracking_uri,
     setup_logging,
 )
+from tests.helpers import run_in_terminal
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -424,31 +421,8 @@ PROGRESS_CHILD = textwrap.dedent(
 )
 
 
-def _run_in_pty(code: str) -> str:
-    master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    child = subprocess.Popen([sys.executable, "-c", code], stdin=slave, stdout=slave, stderr=slave)
-    os.close(slave)
-    output = b""
-    while True:
-        ready, _, _ = select.select([master], [], [], 60)
-        if not ready:
-            child.kill()
-            break
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:  # EIO: the child closed its end
-            break
-        if not chunk:
-            break
-        output += chunk
-    os.close(master)
-    assert child.wait(timeout=60) == 0, output
-    return output.decode()
-
-
 def test_progress_draws_a_bar_on_a_terminal() -> None:
-    output = _run_in_pty(PROGRESS_CHILD)
+    output = run_in_terminal([sys.executable, "-c", PROGRESS_CHILD], rows=24, cols=100)
     assert "\r" in output
     assert "%|" in output or "it/s" in output
     assert "epoch 1" in output

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, TINY, explain, only_run_dir, read_metrics, run_script
+from tests.helpers import ROOT, TINY, explain, only_run_dir, read_metrics, run_in_terminal, run_script
 
 NO_TRACKERS = TINY[:2]  # logging.mlflow=false logging.tensorboard=false
 SMALL = TINY[2:]  # epoch=2 batch=16 and small splits: 4 optimizer steps per epoch
@@ -282,45 +282,13 @@ def test_piped_output_is_plain_timestamped_lines_with_a_summary(tracked):
     assert summary.splitlines()[-1] in proc.stderr  # also shown at the end of the console output
 
 
-def run_in_terminal(argv: list[str], timeout: float = 300.0) -> str:
-    """Run a command with its stdout and stderr on a pseudo-terminal; everything it wrote there."""
-    import fcntl
-    import pty
-    import struct
-    import termios
-
-    main_fd, child_fd = pty.openpty()
-    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TERM": "xterm"}
-    proc = subprocess.Popen(
-        argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=child_fd, stderr=child_fd
-    )
-    os.close(child_fd)
-    chunks, deadline = [], time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            try:
-                data = os.read(main_fd, 65536)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not data:
-                break
-            chunks.append(data)
-    finally:
-        os.close(main_fd)
-        if proc.poll() is None and time.monotonic() >= deadline:
-            proc.kill()
-        proc.wait(timeout=60)
-    text = b"".join(chunks).decode(errors="replace")
-    assert proc.returncode == 0, text[-4000:]
-    return text
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pseudo-terminals as on Linux")
 def test_a_terminal_gets_progress_bars_for_training_and_validation(tmp_path):
     text = run_in_terminal(
         [sys.executable, "train.py", "config/dummy.yaml", f"output={tmp_path}", *NO_TRACKERS, *SMALL,
-         "logging.log_frequency=1"]
+         "logging.log_frequency=1"],
+        rows=40,
+        cols=120,
     )  # fmt: skip
     assert "\r" in text  # tqdm redraws its line in place
     assert re.search(r"\repoch 1/2: +\d+%\|.*\| \d/4 \[.*it/s", text), text[-3000:]  # the training bar

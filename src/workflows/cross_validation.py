@@ -68,26 +68,17 @@ def cross_validate(config: str, overrides: list[str], folds: list[int] | None, g
     )
     state.update(config=str(config), overrides=list(overrides), folds=folds)
     env = runs.record_parent(cv_dir, "cv", state, parent)
-    failed: list[runs.Job] = []
-    try:
-        runs.run_jobs(jobs, gpus, env, cv_dir / "logs")
-    finally:
-        done = [
-            j for j in jobs if j.returncode == 0 and j.run_dir is not None and runs.is_finished(j.run_dir)
-        ]
-        failed = [j for j in jobs if j not in done]
-        state["runs"] = {str(j.extra["fold"]): str(j.run_dir) if j.run_dir else None for j in jobs}
-        runs.write_state(cv_dir, "cv", state)
-        summary = write_summary(cv_dir, done) if done else {}
-        if parent is not None:
-            parent.log_metrics(summary, step=0, epoch=0)
-            for name in ("cv_summary.csv", "cv_summary.md"):
-                if (cv_dir / name).is_file():
-                    parent.log_artifact(cv_dir / name)
-            parent.finish("FINISHED" if not failed else "FAILED")
-    if failed:
-        names = ", ".join(j.name for j in failed)
-        raise RunError(f"{names} did not finish; fix the cause and run the same command again to resume")
+    runs.run_then_summarise(
+        jobs,
+        gpus,
+        env,
+        cv_dir,
+        "cv",
+        state,
+        parent,
+        label=lambda j: str(j.extra["fold"]),
+        summarise=lambda done: write_summary(cv_dir, done),
+    )
     print(f"wrote {cv_dir / 'cv_summary.md'}", flush=True)
     print((cv_dir / "cv_summary.md").read_text(), flush=True)
     return 0

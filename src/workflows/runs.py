@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from src.config import load_config
 from src.config.sections import flatten, to_plain
 from src.engine.run_dir import _slug
-from src.errors import ConfigError
+from src.errors import ConfigError, RunError
 
 log = logging.getLogger("template.workflows")
 
@@ -319,3 +319,41 @@ def record_parent(path: Path, kind: str, state: dict[str, Any], parent: Any) -> 
 
         env[PARENT_RUN_ENV] = parent.run_id
     return env
+
+
+def run_then_summarise(
+    jobs: list[Job],
+    gpus: list[str],
+    env: dict[str, str],
+    path: Path,
+    kind: str,
+    state: dict[str, Any],
+    parent: Any,
+    label: Callable[[Job], str],
+    summarise: Callable[[list[Job]], dict[str, float]],
+) -> None:
+    """Run a workflow's jobs; then, even when one fails or the workflow is interrupted, record them and close up.
+
+    The state (`<kind>.json`) gets each job's run directory under `label(job)`; `summarise` writes
+    `<kind>_summary.csv` and `.md` from the finished jobs and returns the metrics for the MLflow parent
+    run, which also gets those files and ends FAILED if any job did not finish. Raises RunError
+    naming those jobs: the same command resumes them.
+    """
+    failed: list[Job] = []
+    try:
+        run_jobs(jobs, gpus, env, path / "logs")
+    finally:
+        done = [j for j in jobs if j.returncode == 0 and j.run_dir is not None and is_finished(j.run_dir)]
+        failed = [j for j in jobs if j not in done]
+        state["runs"] = {label(j): str(j.run_dir) if j.run_dir else None for j in jobs}
+        write_state(path, kind, state)
+        metrics = summarise(done) if done else {}
+        if parent is not None:
+            parent.log_metrics(metrics, step=0, epoch=0)
+            for name in (f"{kind}_summary.csv", f"{kind}_summary.md"):
+                if (path / name).is_file():
+                    parent.log_artifact(path / name)
+            parent.finish("FINISHED" if not failed else "FAILED")
+    if failed:
+        names = ", ".join(j.name for j in failed)
+        raise RunError(f"{names} did not finish; fix the cause and run the same command again to resume")

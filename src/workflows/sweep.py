@@ -152,35 +152,25 @@ def sweep(
     )
     state.update(config=str(config), settings=list(items), random=random_n, seed=seed)
     env = runs.record_parent(sweep_dir, "sweep", state, parent)
-    failed: list[runs.Job] = []
-    try:
-        runs.run_jobs(jobs, gpus or [], env, sweep_dir / "logs")
-    finally:
-        done = [
-            j for j in jobs if j.returncode == 0 and j.run_dir is not None and runs.is_finished(j.run_dir)
-        ]
-        failed = [j for j in jobs if j not in done]
-        state["runs"] = {j.name: str(j.run_dir) if j.run_dir else None for j in jobs}
-        runs.write_state(sweep_dir, "sweep", state)
-        best = write_summary(sweep_dir, axes, done, metric, mode) if done else None
-        if parent is not None:
-            if best is not None:
-                parent.log_metrics({f"best_{metric}": best}, step=0, epoch=0)
-            for name in ("sweep_summary.csv", "sweep_summary.md"):
-                if (sweep_dir / name).is_file():
-                    parent.log_artifact(sweep_dir / name)
-            parent.finish("FINISHED" if not failed else "FAILED")
-    if failed:
-        names = ", ".join(j.name for j in failed)
-        raise RunError(f"{names} did not finish; fix the cause and run the same command again to resume")
+    runs.run_then_summarise(
+        jobs,
+        gpus or [],
+        env,
+        sweep_dir,
+        "sweep",
+        state,
+        parent,
+        label=lambda j: j.name,
+        summarise=lambda done: write_summary(sweep_dir, axes, done, metric, mode),
+    )
     print((sweep_dir / "sweep_summary.md").read_text(), flush=True)
     return 0
 
 
 def write_summary(
     sweep_dir: Path, axes: list[tuple[str, list[str]]], jobs: list[runs.Job], metric: str, mode: str
-) -> float | None:
-    """sweep_summary.csv and .md, best point first by `metric`; returns the best value."""
+) -> dict[str, float]:
+    """sweep_summary.csv and .md, best point first by `metric`; returns {best_<metric>: value} for the parent run."""
     rows = [(j, runs.run_metrics(j.run_dir)) for j in jobs]
     missing = float("inf") if mode == "min" else float("-inf")
     rows.sort(key=lambda r: r[1].get(metric, missing), reverse=mode == "max")
@@ -199,4 +189,4 @@ def write_summary(
         + "\nValidation metrics are those of each run's best checkpoint (checkpoint.monitor), which test/ evaluates.\n"
     )
     runs.write_text(sweep_dir / "sweep_summary.md", text)
-    return best
+    return {} if best is None else {f"best_{metric}": best}
