@@ -21,7 +21,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, explain, only_run_dir, read_metrics, run_script
+from src.engine.checkpoint import load_checkpoint
+from tests.helpers import (
+    ROOT,
+    assert_same_states,
+    explain,
+    only_run_dir,
+    read_metrics,
+    run_script,
+    wait_for_line,
+)
 
 TOL = 1e-5
 EXPERIMENT = """\
@@ -207,6 +216,114 @@ def test_fsdp_matches_one_process_and_resumes_at_other_world_sizes(experiment, r
     assert "resumed at epoch 4" in proc.stderr and "mesh (2,)" in proc.stderr
     assert max_diff(weights(run / "checkpoints/last.pth"), epoch_weights(reference, 4)) < TOL
     assert only_run_dir(tmp_path) == run
+
+
+# An MLP whose training forwards are counted, and DCP's file writer held at chosen steps (DCP_GATE):
+# `go_on:<step>`: that step's shards are written on a thread other than training's, and only once
+# training has taken the next optimizer step (forward number step+2 began): a save that blocked
+# training would never get there (it fails after 120 s), and shards not copied at the save would
+# hold the newer weights;
+# `hang:<step>`: the shards are written, then the write stalls before rank 0 writes `.metadata`.
+DCP_GATE = """\
+import os
+import re
+import sys
+import threading
+import time
+
+import torch.distributed.checkpoint as dcp
+
+from src.models.small import MLP
+from src.registry import MODEL_REGISTRY
+
+forwards = 0
+write_data = dcp.FileSystemWriter.write_data
+
+
+def gated_write_data(self, plan, planner):
+    step = int(re.search(r"dcp_step_(\\d+)", str(self.path)).group(1))
+    gates = {int(at): mode for mode, at in (gate.split(":") for gate in os.environ.get("DCP_GATE", "").split())}
+    if gates.get(step) == "go_on":
+        if threading.current_thread() is threading.main_thread():
+            raise RuntimeError("the shards are written on the training thread")
+        deadline = time.monotonic() + 120
+        while forwards < step + 2:
+            if time.monotonic() > deadline:
+                raise RuntimeError("training did not go on while the shards were written")
+            time.sleep(0.01)
+        print(f"step {step}: training went on during the DCP write", file=sys.stderr, flush=True)
+    written = write_data(self, plan, planner)
+    if gates.get(step) == "hang":
+        written.wait()
+        print(f"step {step}: DCP write in flight", file=sys.stderr, flush=True)
+        time.sleep(600)
+    return written
+
+
+dcp.FileSystemWriter.write_data = gated_write_data
+
+
+@MODEL_REGISTRY.register()
+class GatedMLP(MLP):
+    def forward(self, x):
+        global forwards
+        forwards += int(self.training)
+        return super().forward(x)
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_shards_are_written_in_the_background_and_a_sigkill_mid_write_resumes_exactly(
+    experiment, tmp_path
+):
+    """Saves at steps 2, 4 (epoch 1), 6 and 8. Step 4's shards are written only after training went on
+    (so the save is asynchronous and its staged copy is what training started from); a SIGKILL while
+    step 6's are written keeps step 4's last.pth, and the resumed run ends bit-identical."""
+    (tmp_path / "dcp_gate.py").write_text(DCP_GATE)
+    run_args = ["train.py", str(experiment), "batch=32", "epoch=2", "checkpoint.save_every_n_steps=2",
+                "distributed.strategy=fsdp", "distributed.fsdp_min_params=100", "model.name=GatedMLP",
+                "model.in_features=16", "model.hidden=[32,32]",
+                "imports=[dcp_gate]"]  # fmt: skip
+    env = launcher_env(PYTHONPATH=str(tmp_path), DCP_GATE="go_on:4")
+    proc = launch("2", *run_args, f"output={tmp_path / 'reference'}", env=env)
+    assert proc.returncode == 0, explain(proc)
+    assert (
+        proc.stderr.count("step 4: training went on during the DCP write") == 2
+    )  # each rank's writer waited
+    reference = only_run_dir(tmp_path / "reference") / "checkpoints"
+    want = torch.load(reference / "last.pth", weights_only=True)
+    # Pruned as before: the folders still named by a file, each complete, no temporary one left.
+    assert {p.name for p in reference.glob("dcp_step_*")} == set(want["dcp_files"].values())
+    assert want["dcp_files"]["last.pth"] == want["dcp"] == "dcp_step_00000008"
+    assert want["dcp_files"]["previous.pth"] == "dcp_step_00000006"
+    assert all((reference / name / ".metadata").is_file() for name in want["dcp_files"].values())
+    assert not list(reference.glob(".dcp_step_*"))
+
+    log = tmp_path / "killed.log"
+    with open(log, "w") as out:
+        killed = subprocess.Popen(
+            ["./torchrun.sh", "2", *run_args, f"output={tmp_path / 'killed'}"], cwd=ROOT, stdout=out,
+            stderr=subprocess.STDOUT, env={**env, "DCP_GATE": "go_on:4 hang:6"}, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_for_line(killed, log, "step 6: DCP write in flight")
+    finally:
+        kill_group(killed)  # torchrun and both ranks, like a node that died
+    run = only_run_dir(tmp_path / "killed")
+    ckpt = run / "checkpoints"
+    partial = ckpt / ".dcp_step_00000006.tmp"
+    assert partial.is_dir() and not (partial / ".metadata").exists(), log.read_text()[-3000:]
+    assert not (ckpt / "dcp_step_00000006").exists()
+    last = load_checkpoint(ckpt / "last.pth")  # published before step 6's write began, and loadable
+    assert last["dcp"] == "dcp_step_00000004" and (ckpt / "dcp_step_00000004" / ".metadata").is_file()
+
+    proc = launch("2", "train.py", str(run / "config.yaml"), env=launcher_env(PYTHONPATH=str(tmp_path)))
+    assert proc.returncode == 0, explain(proc)
+    assert "resumed at epoch 2, step 4" in proc.stderr and f"removing {partial}" in proc.stderr
+    got = torch.load(ckpt / "last.pth", weights_only=True)
+    assert_same_states(got, want, ("model", "rng"))
+    for shard in ("__0_0.distcp", "__1_0.distcp"):  # the sharded model and optimizer state too
+        assert (ckpt / got["dcp"] / shard).read_bytes() == (reference / want["dcp"] / shard).read_bytes()
 
 
 @pytest.mark.slow
