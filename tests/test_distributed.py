@@ -223,7 +223,8 @@ def test_fsdp_matches_one_process_and_resumes_at_other_world_sizes(experiment, r
 # training has taken the next optimizer step (forward number step+2 began): a save that blocked
 # training would never get there (it fails after 120 s), and shards not copied at the save would
 # hold the newer weights;
-# `hang:<step>`: the shards are written, then the write stalls before rank 0 writes `.metadata`.
+# `hang:<step>`: the shards are written, then the write stalls before rank 0 writes `.metadata`;
+# `fail:<step>`: rank 1's write fails.
 DCP_GATE = """\
 import os
 import re
@@ -252,6 +253,8 @@ def gated_write_data(self, plan, planner):
                 raise RuntimeError("training did not go on while the shards were written")
             time.sleep(0.01)
         print(f"step {step}: training went on during the DCP write", file=sys.stderr, flush=True)
+    if gates.get(step) == "fail" and os.environ["RANK"] == "1":
+        raise OSError(5, "deliberate write failure")
     written = write_data(self, plan, planner)
     if gates.get(step) == "hang":
         written.wait()
@@ -272,6 +275,14 @@ class GatedMLP(MLP):
 """
 
 
+def gated_fsdp_run(experiment: Path, tmp_path: Path) -> list[str]:
+    """train.py's arguments for 2 epochs of 4 steps with FSDP2 and GatedMLP, a checkpoint every 2 steps."""
+    (tmp_path / "dcp_gate.py").write_text(DCP_GATE)
+    return ["train.py", str(experiment), "batch=32", "epoch=2", "checkpoint.save_every_n_steps=2",
+            "distributed.strategy=fsdp", "distributed.fsdp_min_params=100", "model.name=GatedMLP",
+            "model.in_features=16", "model.hidden=[32,32]", "imports=[dcp_gate]"]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_fsdp_shards_are_written_in_the_background_and_a_sigkill_mid_write_resumes_exactly(
     experiment, tmp_path
@@ -279,11 +290,7 @@ def test_fsdp_shards_are_written_in_the_background_and_a_sigkill_mid_write_resum
     """Saves at steps 2, 4 (epoch 1), 6 and 8. Step 4's shards are written only after training went on
     (so the save is asynchronous and its staged copy is what training started from); a SIGKILL while
     step 6's are written keeps step 4's last.pth, and the resumed run ends bit-identical."""
-    (tmp_path / "dcp_gate.py").write_text(DCP_GATE)
-    run_args = ["train.py", str(experiment), "batch=32", "epoch=2", "checkpoint.save_every_n_steps=2",
-                "distributed.strategy=fsdp", "distributed.fsdp_min_params=100", "model.name=GatedMLP",
-                "model.in_features=16", "model.hidden=[32,32]",
-                "imports=[dcp_gate]"]  # fmt: skip
+    run_args = gated_fsdp_run(experiment, tmp_path)
     env = launcher_env(PYTHONPATH=str(tmp_path), DCP_GATE="go_on:4")
     proc = launch("2", *run_args, f"output={tmp_path / 'reference'}", env=env)
     assert proc.returncode == 0, explain(proc)
@@ -453,3 +460,17 @@ def test_slurm_example_starts_one_multinode_agent_per_node(tmp_path):
     # node rank from SLURM_NODEID, the rendezvous on the first node, a port from the job id
     assert "args: 2 4 4242 1 nodeA:24242 train.py config/my_exp.yaml batch=8" in proc.stdout
     assert "threads: 8" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_failed_fsdp_shard_write_ends_the_run_with_one_line(experiment, tmp_path):
+    """Rank 1's DCP write at step 2 fails; the error surfaces at the next save (epoch 1's end)."""
+    env = launcher_env(PYTHONPATH=str(tmp_path), DCP_GATE="fail:2")
+    proc = launch("2", *gated_fsdp_run(experiment, tmp_path), f"output={tmp_path}", env=env)
+    assert proc.returncode != 0, explain(proc)
+    # Both ranks end with the same line: rank 0 from its writer thread, rank 1 from its own DCP future.
+    failed = r"error: writing checkpoint shards \S+/checkpoints/\.dcp_step_00000002\.tmp failed: OSError: "
+    assert len(re.findall(failed + r"\[Errno 5\] deliberate write failure\n", proc.stderr)) == 2, proc.stderr
+    assert "[rank0]" not in proc.stderr and "[rank1]" not in proc.stderr  # no worker traceback
+    ckpt = only_run_dir(tmp_path) / "checkpoints"
+    assert not (ckpt / "last.pth").exists() and not (ckpt / "dcp_step_00000002").exists()  # nothing names it
