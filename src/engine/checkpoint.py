@@ -14,6 +14,7 @@ checkpoint records which DCP folder every file points to, so pruning never has t
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import re
@@ -272,7 +273,8 @@ class Checkpointer:
             # runs its own: on the default group the two streams would reach each rank in a
             # different order and mismatch (a hang or mixed-up data). Gloo: DCP's object
             # collectives need a CPU backend, and the default group is NCCL on GPUs.
-            self.shard_group = dist.new_group(backend="gloo")
+            minutes = int(self.cfg.distributed.timeout_minutes)  # not gloo's default 30 minutes
+            self.shard_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=minutes))
         msd, osd = get_state_dict(self.raw_model, self.optimizer)
         future = dcp.async_save(
             {"model": msd, "optimizer": osd}, checkpoint_id=str(tmp), process_group=self.shard_group
