@@ -21,7 +21,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, explain, only_run_dir, read_metrics, run_script
+from src.engine.checkpoint import load_checkpoint
+from tests.helpers import (
+    ROOT,
+    assert_same_states,
+    explain,
+    only_run_dir,
+    read_metrics,
+    run_script,
+    wait_for_line,
+)
 
 TOL = 1e-5
 EXPERIMENT = """\
@@ -209,6 +218,121 @@ def test_fsdp_matches_one_process_and_resumes_at_other_world_sizes(experiment, r
     assert only_run_dir(tmp_path) == run
 
 
+# An MLP whose training forwards are counted, and DCP's file writer held at chosen steps (DCP_GATE):
+# `go_on:<step>`: that step's shards are written on a thread other than training's, and only once
+# training has taken the next optimizer step (forward number step+2 began): a save that blocked
+# training would never get there (it fails after 120 s), and shards not copied at the save would
+# hold the newer weights;
+# `hang:<step>`: the shards are written, then the write stalls before rank 0 writes `.metadata`;
+# `fail:<step>`: rank 1's write fails.
+DCP_GATE = """\
+import os
+import re
+import sys
+import threading
+import time
+
+import torch.distributed.checkpoint as dcp
+
+from src.models.small import MLP
+from src.registry import MODEL_REGISTRY
+
+forwards = 0
+write_data = dcp.FileSystemWriter.write_data
+
+
+def gated_write_data(self, plan, planner):
+    step = int(re.search(r"dcp_step_(\\d+)", str(self.path)).group(1))
+    gates = {int(at): mode for mode, at in (gate.split(":") for gate in os.environ.get("DCP_GATE", "").split())}
+    if gates.get(step) == "go_on":
+        if threading.current_thread() is threading.main_thread():
+            raise RuntimeError("the shards are written on the training thread")
+        deadline = time.monotonic() + 120
+        while forwards < step + 2:
+            if time.monotonic() > deadline:
+                raise RuntimeError("training did not go on while the shards were written")
+            time.sleep(0.01)
+        print(f"step {step}: training went on during the DCP write", file=sys.stderr, flush=True)
+    if gates.get(step) == "fail" and os.environ["RANK"] == "1":
+        raise OSError(5, "deliberate write failure")
+    written = write_data(self, plan, planner)
+    if gates.get(step) == "hang":
+        written.wait()
+        print(f"step {step}: DCP write in flight", file=sys.stderr, flush=True)
+        time.sleep(600)
+    return written
+
+
+dcp.FileSystemWriter.write_data = gated_write_data
+
+
+@MODEL_REGISTRY.register()
+class GatedMLP(MLP):
+    def forward(self, x):
+        global forwards
+        forwards += int(self.training)
+        return super().forward(x)
+"""
+
+
+def gated_fsdp_run(experiment: Path, tmp_path: Path) -> list[str]:
+    """train.py's arguments for 2 epochs of 4 steps with FSDP2 and GatedMLP, a checkpoint every 2 steps."""
+    (tmp_path / "dcp_gate.py").write_text(DCP_GATE)
+    return ["train.py", str(experiment), "batch=32", "epoch=2", "checkpoint.save_every_n_steps=2",
+            "distributed.strategy=fsdp", "distributed.fsdp_min_params=100", "model.name=GatedMLP",
+            "model.in_features=16", "model.hidden=[32,32]", "imports=[dcp_gate]"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_fsdp_shards_are_written_in_the_background_and_a_sigkill_mid_write_resumes_exactly(
+    experiment, tmp_path
+):
+    """Saves at steps 2, 4 (epoch 1), 6 and 8. Step 4's shards are written only after training went on
+    (so the save is asynchronous and its staged copy is what training started from); a SIGKILL while
+    step 6's are written keeps step 4's last.pth, and the resumed run ends bit-identical."""
+    run_args = gated_fsdp_run(experiment, tmp_path)
+    env = launcher_env(PYTHONPATH=str(tmp_path), DCP_GATE="go_on:4")
+    proc = launch("2", *run_args, f"output={tmp_path / 'reference'}", env=env)
+    assert proc.returncode == 0, explain(proc)
+    assert (
+        proc.stderr.count("step 4: training went on during the DCP write") == 2
+    )  # each rank's writer waited
+    reference = only_run_dir(tmp_path / "reference") / "checkpoints"
+    want = torch.load(reference / "last.pth", weights_only=True)
+    # Pruned as before: the folders still named by a file, each complete, no temporary one left.
+    assert {p.name for p in reference.glob("dcp_step_*")} == set(want["dcp_files"].values())
+    assert want["dcp_files"]["last.pth"] == want["dcp"] == "dcp_step_00000008"
+    assert want["dcp_files"]["previous.pth"] == "dcp_step_00000006"
+    assert all((reference / name / ".metadata").is_file() for name in want["dcp_files"].values())
+    assert not list(reference.glob(".dcp_step_*"))
+
+    log = tmp_path / "killed.log"
+    with open(log, "w") as out:
+        killed = subprocess.Popen(
+            ["./torchrun.sh", "2", *run_args, f"output={tmp_path / 'killed'}"], cwd=ROOT, stdout=out,
+            stderr=subprocess.STDOUT, env={**env, "DCP_GATE": "go_on:4 hang:6"}, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_for_line(killed, log, "step 6: DCP write in flight")
+    finally:
+        kill_group(killed)  # torchrun and both ranks, like a node that died
+    run = only_run_dir(tmp_path / "killed")
+    ckpt = run / "checkpoints"
+    partial = ckpt / ".dcp_step_00000006.tmp"
+    assert partial.is_dir() and not (partial / ".metadata").exists(), log.read_text()[-3000:]
+    assert not (ckpt / "dcp_step_00000006").exists()
+    last = load_checkpoint(ckpt / "last.pth")  # published before step 6's write began, and loadable
+    assert last["dcp"] == "dcp_step_00000004" and (ckpt / "dcp_step_00000004" / ".metadata").is_file()
+
+    proc = launch("2", "train.py", str(run / "config.yaml"), env=launcher_env(PYTHONPATH=str(tmp_path)))
+    assert proc.returncode == 0, explain(proc)
+    assert "resumed at epoch 2, step 4" in proc.stderr and f"removing {partial}" in proc.stderr
+    got = torch.load(ckpt / "last.pth", weights_only=True)
+    assert_same_states(got, want, ("model", "rng"))
+    for shard in ("__0_0.distcp", "__1_0.distcp"):  # the sharded model and optimizer state too
+        assert (ckpt / got["dcp"] / shard).read_bytes() == (reference / want["dcp"] / shard).read_bytes()
+
+
 @pytest.mark.slow
 def test_multinode_agents_match_one_process(experiment, reference, tmp_path):
     """Two nodes of one process each on localhost; batch 16 x 2 accumulation also exercises no_sync."""
@@ -336,3 +460,17 @@ def test_slurm_example_starts_one_multinode_agent_per_node(tmp_path):
     # node rank from SLURM_NODEID, the rendezvous on the first node, a port from the job id
     assert "args: 2 4 4242 1 nodeA:24242 train.py config/my_exp.yaml batch=8" in proc.stdout
     assert "threads: 8" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_failed_fsdp_shard_write_ends_the_run_with_one_line(experiment, tmp_path):
+    """Rank 1's DCP write at step 2 fails; the error surfaces at the next save (epoch 1's end)."""
+    env = launcher_env(PYTHONPATH=str(tmp_path), DCP_GATE="fail:2")
+    proc = launch("2", *gated_fsdp_run(experiment, tmp_path), f"output={tmp_path}", env=env)
+    assert proc.returncode != 0, explain(proc)
+    # Both ranks end with the same line: rank 0 from its writer thread, rank 1 from its own DCP future.
+    failed = r"error: writing checkpoint shards \S+/checkpoints/\.dcp_step_00000002\.tmp failed: OSError: "
+    assert len(re.findall(failed + r"\[Errno 5\] deliberate write failure\n", proc.stderr)) == 2, proc.stderr
+    assert "[rank0]" not in proc.stderr and "[rank1]" not in proc.stderr  # no worker traceback
+    ckpt = only_run_dir(tmp_path) / "checkpoints"
+    assert not (ckpt / "last.pth").exists() and not (ckpt / "dcp_step_00000002").exists()  # nothing names it

@@ -6,18 +6,21 @@ host memory at the step boundary and hands it to the background `CheckpointWrite
 fsyncs and renames it (atomic_files.py) while training goes on. At most one write is in flight: the
 next save, the end of training, a stop signal and every failure path wait for it, and its error
 surfaces there as one line. Tracker commits (MLflow's exactly-once metrics) run only once the
-files are published. Under FSDP the sharded model and optimizer go to a DCP folder, synchronously
-(see `_save_sharded`); each checkpoint records which DCP folder every file points to, so pruning
-never has to load a file.
+files are published. Under FSDP the sharded model and optimizer go to a DCP folder, written in the
+background too (see `_save_sharded`): a .pth file is published only after the folder it points to
+is complete and renamed, so a kill at any moment leaves a last.pth whose folder loads. Each
+checkpoint records which DCP folder every file points to, so pruning never has to load a file.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import re
 import shutil
-from dataclasses import asdict
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +66,8 @@ class Checkpointer:
         self.trackers: Any = None  # set once started: their state goes into each checkpoint
         self.tracking_state: dict[str, Any] | None = None  # the resumed checkpoint's, for the trackers
         self.dcp_files: dict[str, str] | None = None  # file name -> the DCP folder it points to (FSDP)
+        self.shards: ShardWrite | None = None  # FSDP: this rank's DCP write in flight
+        self.shard_group: Any = None  # FSDP: the gloo group DCP's writing thread talks over
         self.writer = CheckpointWriter(self._write_files)
 
     # ------------------------------------------------------------------ saving
@@ -117,7 +122,8 @@ class Checkpointer:
             if self.privacy is not None:
                 state["privacy"] = self.privacy.state_dict()
             if ctx.strategy == "fsdp":
-                state["dcp"] = self._save_sharded()
+                self.shards = self._save_sharded()
+                state["dcp"] = self.shards.final.name
             else:
                 state["optimizer"] = self.optimizer.state_dict()
                 if kept is not None:  # and the training weights, bit for bit, for an exact resume
@@ -139,21 +145,29 @@ class Checkpointer:
                 state["dcp_files"] = dict(self.dcp_files or {})
             host = self.writer.snapshot(state)  # training may change the originals from here on
         paths = [self.ckpt_dir / n for n in sorted(names)]
-        self.writer.submit(host, paths, after=lambda: self._published(paths, reason, keep_top, live_dcp))
+        shards = self.shards
+        self.writer.submit(
+            host,
+            paths,
+            before=shards.publish if shards is not None else None,  # the folder first, then files naming it
+            after=lambda: self._published(paths, reason, keep_top, live_dcp),
+        )
         dist_utils.barrier()
 
     def wait(self, failed: bool = False) -> None:
-        """Block until the write in flight is published; its error surfaces here as one line.
+        """Block until the write in flight is published, and this rank's DCP shards are written (FSDP);
+        its error surfaces here as one line.
 
         `failed`: the run is ending with another error, which wins; a write error is only logged.
         """
+        shards, self.shards = self.shards, None
         try:
-            self.writer.wait()
+            self.writer.wait()  # rank 0: its job waited for the shards, renamed their folder, then wrote
+            if shards is not None:
+                shards.wait()  # the other ranks: their own part (done already on rank 0)
         except RunError as err:
-            if isinstance(err.__cause__, NoRoomError):
-                err = NoRoomError(
-                    f"{err.__cause__}, then resume with: python train.py {self.run_dir / 'config.yaml'}"
-                )
+            if isinstance(err, NoRoomError):
+                err = NoRoomError(f"{err}, then resume with: python train.py {self.run_dir / 'config.yaml'}")
             if failed:
                 log.error("%s", err)
                 return
@@ -236,32 +250,39 @@ class Checkpointer:
             )
         return self.raw_model.state_dict()  # references: the writer's snapshot copies them
 
-    def _save_sharded(self) -> str:
-        """Model and optimizer shards through torch.distributed.checkpoint, loadable at any world size.
+    def _save_sharded(self) -> ShardWrite:
+        """Start writing the model and optimizer shards through torch.distributed.checkpoint (loadable
+        at any world size) into `.dcp_step_<step>.tmp`; returns once this rank's shards are copied.
 
-        Synchronous on every rank: dcp.async_save would need a process group of its own and a
-        staging copy of each shard to stay consistent with the .pth that points to the folder.
+        `dcp.async_save` stages before it returns: its default stager deep-copies every tensor into
+        new CPU storage (torch/distributed/checkpoint/staging.py, DefaultStager), so training may
+        change the weights at once. A thread of DCP's then writes the copy. Every rank calls `wait`
+        before its next save and at the end; on rank 0 the writer thread waits first, then renames
+        the folder and only then writes the .pth files that point to it (`ShardWrite.publish`).
         """
+        import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         name = f"dcp_step_{self.progress.global_step:08d}"
-        final = self.ckpt_dir / name
         tmp = self.ckpt_dir / f".{name}.tmp"
         if self.ctx.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
-        dist_utils.barrier()
+        dist_utils.barrier()  # every rank waited for its previous write, and the folder is fresh
+        if self.shard_group is None:
+            # DCP's thread runs collectives (plans gathered to rank 0, results back) while training
+            # runs its own: on the default group the two streams would reach each rank in a
+            # different order and mismatch (a hang or mixed-up data). Gloo: DCP's object
+            # collectives need a CPU backend, and the default group is NCCL on GPUs.
+            minutes = int(self.cfg.distributed.timeout_minutes)  # not gloo's default 30 minutes
+            self.shard_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=minutes))
         msd, osd = get_state_dict(self.raw_model, self.optimizer)
-        dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp))
-        dist_utils.barrier()
-        if self.ctx.is_main:
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.replace(final)
-        dist_utils.barrier()
-        return name
+        future = dcp.async_save(
+            {"model": msd, "optimizer": osd}, checkpoint_id=str(tmp), process_group=self.shard_group
+        )
+        return ShardWrite(future, tmp, self.ckpt_dir / name)
 
     # ------------------------------------------------------------------ loading
     def resume(self, state: dict[str, Any] | None) -> tuple[int, bool]:
@@ -351,6 +372,39 @@ class Checkpointer:
                         len(result.missing_keys), len(result.unexpected_keys))  # fmt: skip
 
 
+@dataclass
+class ShardWrite:
+    """One rank's DCP write in flight (FSDP): its future, its temporary folder, the folder's final name."""
+
+    future: Future
+    tmp: Path
+    final: Path
+
+    def wait(self) -> None:
+        """Block until the folder is complete; a failure, on any rank, as one line.
+
+        DCP's future ends on every rank only after rank 0, the coordinator, gathered every rank's
+        write results and wrote `.metadata` (`_DistWrapper.all_reduce` in state_dict_saver.py:
+        gather, `finish_checkpoint` on rank 0, then broadcast): once it is done the folder is whole.
+        """
+        try:
+            self.future.result()
+        except BaseException as err:  # DCP's CheckpointException: a traceback for each failed rank
+            failures = getattr(err, "failures", None) or {}
+            first = next(iter(failures.values()), (err, None))[0]
+            reason = (str(first).strip().splitlines() or [""])[0]
+            raise RunError(
+                f"writing checkpoint shards {self.tmp} failed: {type(first).__name__}: {reason}"
+            ) from err
+
+    def publish(self) -> None:
+        """Rank 0, on the checkpoint writer's thread: the complete folder gets its name before any .pth names it."""
+        self.wait()
+        if self.final.exists():  # a second save at the same step
+            shutil.rmtree(self.final)
+        self.tmp.replace(self.final)
+
+
 def load_pretrained_weights(model: torch.nn.Module, path: str | Path) -> None:
     """model.pretrained_weight: the tensors that fit, from a checkpoint or a plain state dict, before wrapping."""
     path = Path(path)
@@ -410,10 +464,14 @@ def safe_load(path: Path) -> Any:
 
 
 def remove_partial_writes(folder: Path) -> None:
-    """Delete what a save cut short left behind (its temporary file, staged links); never a checkpoint."""
-    for path in [*folder.glob(".tmp-*.pth"), *folder.glob(".*.pth.*.link")]:
+    """Delete what a save cut short left behind (its temporary file, staged links, a DCP folder not
+    yet renamed); never a checkpoint."""
+    for path in [*folder.glob(".tmp-*.pth"), *folder.glob(".*.pth.*.link"), *folder.glob(".dcp_step_*.tmp")]:
         log.warning("removing %s, left by a checkpoint write that did not finish", path)
-        path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def newest_valid_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]] | None:

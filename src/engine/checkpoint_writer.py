@@ -92,12 +92,22 @@ class CheckpointWriter:
         self.wait()
         return self._copy(state)
 
-    def submit(self, state: Any, names: list[Path], after: Callable[[], None] | None = None) -> None:
-        """Start writing `state` (already on the host) under `names`; `after` runs on the writer thread
-        once every name is published (pruning, tracker commits). Waits for the previous write first."""
+    def submit(
+        self,
+        state: Any,
+        names: list[Path],
+        after: Callable[[], None] | None = None,
+        before: Callable[[], None] | None = None,
+    ) -> None:
+        """Start writing `state` (already on the host) under `names`. On the writer thread, `before`
+        runs first (FSDP: wait for the sharded part the files point to) and `after` once every name
+        is published (pruning, tracker commits). Waits for the previous write first."""
         self.wait()
         self._thread = threading.Thread(
-            target=self._write, args=(state, list(names), after), name="checkpoint-writer", daemon=True
+            target=self._write,
+            args=(state, list(names), before, after),
+            name="checkpoint-writer",
+            daemon=True,
         )
         self._thread.start()
 
@@ -114,11 +124,21 @@ class CheckpointWriter:
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def _write(self, state: Any, names: list[Path], after: Callable[[], None] | None) -> None:
+    def _write(
+        self,
+        state: Any,
+        names: list[Path],
+        before: Callable[[], None] | None,
+        after: Callable[[], None] | None,
+    ) -> None:
         try:
+            if before is not None:
+                before()
             self._save(state, names)
             if after is not None:
                 after()
+        except RunError as err:  # already the one line the user reads (a full disk, a failed DCP write)
+            self._error = err
         except BaseException as err:  # handed to the training thread at its next submit/wait
             where = ", ".join(n.name for n in names)
             self._error = RunError(
