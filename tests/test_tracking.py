@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,6 +49,12 @@ def _steps(store: str, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in _client(store).get_metric_history(run_id, key))
 
 
+def _png(figure: Any) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
 def _log_steps(tracker: Tracker, steps: range, offset: float = 0.0) -> None:
     for step in steps:
         tracker.log_metrics({"train_loss": 1.0 / (step + 1) + offset}, step=step, epoch=step // 3)
@@ -67,7 +75,7 @@ def test_mlflow_run_holds_params_metrics_artifact_figure(store: str, tmp_path: P
     tracker.log_artifact(tmp_path / "config.yaml")
     figure = Figure()
     figure.add_subplot().plot([0, 1], [1, 0])
-    tracker.log_figure("confusion_matrix", figure, step=11)
+    tracker.log_image("confusion_matrix", _png(figure), step=11)
     tracker.finish("FINISHED")
 
     client = _client(store)
@@ -91,7 +99,8 @@ def test_mlflow_run_holds_params_metrics_artifact_figure(store: str, tmp_path: P
 def test_mlflow_reopened_run_after_crash_has_each_step_once(store: str) -> None:
     first = MlflowTracker(store, "resume", "run_b", tags={})
     _log_steps(first, range(0, 5))
-    state = first.complete(first.state())  # as the checkpoint writer does
+    assert first.run_id is not None  # open: checkpoints from here on name the run
+    state = first.state()
     first.commit()
     assert first.flush(timeout=60)
     _log_steps(first, range(5, 8), offset=100.0)  # logged after the checkpoint: lost with the crash
@@ -124,37 +133,46 @@ def test_mlflow_reopened_run_after_crash_has_each_step_once(store: str) -> None:
     assert run.data.metrics["test_accuracy"] == 0.75
 
 
-def test_mlflow_state_never_waits_for_the_run_and_the_writer_fills_in_its_id(
+def test_mlflow_checkpoint_before_the_run_is_open_costs_nothing_and_resumes_the_same_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A checkpoint taken before MLflow's child has opened the run costs training nothing: the run
-    id is filled in on the writer's thread, and user code is pointed at the run once it opens."""
-    import threading
-
+    """A checkpoint taken while MLflow's child is still starting holds no run id and never waits for
+    it; resuming from it finds the run by its run_dir tag, and user code is pointed at the run once open."""
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    tracker = MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "early", "run_g", tags={})
-    os.kill(tracker._child.process.pid, signal.SIGSTOP)  # the child cannot open the run until SIGCONT
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tags = {"run_dir": str(tmp_path / "run")}
+    first = MlflowTracker(store, "early", "run_g", tags=tags)
+    os.kill(first._child.process.pid, signal.SIGSTOP)  # the child cannot open the run until SIGCONT
     try:
-        _log_steps(tracker, range(3))
-        state = tracker.state()  # would hang here if it waited for the run
-        tracker.make_active(wait=False)
+        _log_steps(first, range(3))
+        state = first.state()  # would hang here if it waited for the run
+        first.make_active(wait=False)
         assert state["run_id"] is None and len(state["pending"]) == 3
         assert "MLFLOW_RUN_ID" not in os.environ
-        completed: list[dict] = []
-        writer = threading.Thread(target=lambda: completed.append(tracker.complete(state)))
-        writer.start()
-        writer.join(0.5)
-        assert writer.is_alive()  # the writer's thread is the one that waits
     finally:
-        os.kill(tracker._child.process.pid, signal.SIGCONT)
-    writer.join(120)
-    assert completed[0]["run_id"] == tracker.run_id is not None
-    assert completed[0]["pending"] == state["pending"]
-    assert os.environ["MLFLOW_RUN_ID"] == tracker.run_id
-    tracker.commit()
-    tracker.finish("FINISHED")
-    assert _steps(f"sqlite:///{tmp_path / 'mlflow.db'}", tracker.run_id, "train_loss") == [0, 1, 2]
+        os.kill(first._child.process.pid, signal.SIGCONT)
+    assert first.run_id is not None
+    assert os.environ["MLFLOW_RUN_ID"] == first.run_id  # set by the reader thread when the run opened
+    first.commit()
+    assert first.flush(timeout=60)
+    del first  # killed before any checkpoint named the run
+
+    second = MlflowTracker(store, "early", "run_g", tags=tags)  # resumed from `state`: no run id in it
+    second.resume(state)
+    _log_steps(second, range(3, 5))
+    second.state()
+    second.commit()
+    second.finish("FINISHED")
+    other = MlflowTracker(store, "early", "run_h", tags={"run_dir": str(tmp_path / "other")})
+    other.finish("FINISHED")
+
+    client = _client(store)
+    experiment = client.get_experiment_by_name("early")
+    assert len(client.search_runs([experiment.experiment_id])) == 2  # the resumed run and the other one
+    assert second.run_id == os.environ["MLFLOW_RUN_ID"] and other.run_id != second.run_id
+    assert _steps(store, second.run_id, "train_loss") == [0, 1, 2, 3, 4]
+    assert client.get_run(second.run_id).info.status == "FINISHED"
 
 
 @pytest.mark.slow
@@ -168,7 +186,8 @@ def test_mlflow_sigkill_right_after_commit_loses_nothing(store: str) -> None:
         tracker = MlflowTracker({store!r}, "killed", "run_c", tags={{}})
         for step in range(5):
             tracker.log_metrics({{"train_loss": float(step)}}, step=step, epoch=0)
-        print(json.dumps(tracker.complete(tracker.state())), flush=True)
+        tracker.run_id  # open: the checkpoint names the run
+        print(json.dumps(tracker.state()), flush=True)
         tracker.commit()
         os.kill(os.getpid(), signal.SIGKILL)
         """
@@ -341,7 +360,7 @@ def test_tensorboard_figure_and_multitracker_state(tmp_path: Path) -> None:
     _log_steps(tracker, range(3))
     figure = Figure()
     figure.add_subplot().imshow([[1, 0], [0, 1]])
-    tracker.log_figure("val/confusion_matrix", figure, step=2)
+    tracker.log_image("val/confusion_matrix", _png(figure), step=2)
     assert tracker.state() == {"MetricsFile": {"lines": 3}, "TensorBoardTracker": {"step": 2}}
     tracker.finish("FINISHED")
 

@@ -192,10 +192,7 @@ class Checkpointer:
         )
 
     def _write_files(self, state: dict[str, Any], paths: list[Path]) -> None:
-        """On the writer thread: complete the trackers' state, keep the last.pth being replaced as
-        previous.pth, then write atomically."""
-        if self.trackers is not None and "tracking" in state:  # MLflow's run id, once the run is open
-            state["tracking"] = self.trackers.complete(state["tracking"])
+        """On the writer thread: keep the last.pth being replaced as previous.pth, then write atomically."""
         last = self.ckpt_dir / "last.pth"
         if last in paths and last.exists():  # keep the one before; last.pth itself never disappears
             publish(last, self.ckpt_dir / "previous.pth")

@@ -87,9 +87,9 @@ def run_test(
             accuracy = metrics.get("test_accuracy")
             title = f"{run_name}: test split" + (f", accuracy {accuracy:.4f}" if accuracy is not None else "")
             figure = confusion_figure(confusion, classes, title)
-            figure.savefig(out / "confusion_matrix.png", dpi=100, bbox_inches="tight")
+            figure.savefig(out / "confusion_matrix.png", dpi=100)  # laid out tight already: one draw
             shares = confusion_figure(confusion, classes, title + " (rows normalised)", normalize=True)
-            shares.savefig(out / "confusion_matrix_normalized.png", dpi=100, bbox_inches="tight")
+            shares.savefig(out / "confusion_matrix_normalized.png", dpi=100)
             import matplotlib.pyplot as plt
 
             plt.close(shares)
@@ -101,7 +101,7 @@ def run_test(
             trackers.log_metrics(metrics, step=step, epoch=int(state.get("progress", {}).get("epoch", 0)))
             trackers.log_artifact(out)  # the whole folder, as test/ beside config.yaml
             if figure is not None:
-                trackers.log_figure("confusion_matrix", figure, step=step)
+                trackers.log_image("confusion_matrix", (out / "confusion_matrix.png").read_bytes(), step=step)
             trackers.commit()
         if figure is not None:
             import matplotlib.pyplot as plt

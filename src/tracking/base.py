@@ -25,8 +25,8 @@ class Tracker:
     def log_artifact(self, path: str | Path) -> None:
         """Keep a copy of a file (or folder) with the run."""
 
-    def log_figure(self, name: str, figure: Any, step: int) -> None:
-        """Keep a matplotlib Figure; the caller still owns (and closes) it."""
+    def log_image(self, name: str, png: bytes, step: int) -> None:
+        """Keep a picture, given as the bytes of a PNG file (rendered once, by the caller)."""
 
     def commit(self) -> None:
         """Called right after a checkpoint holding `state()` is durably written."""
@@ -34,13 +34,6 @@ class Tracker:
     def state(self) -> dict[str, Any]:
         """Small JSON-able dict saved inside each checkpoint; taken at a step boundary, so it never waits."""
         return {}
-
-    def complete(self, state: dict[str, Any]) -> dict[str, Any]:
-        """`state` with what only arrives later filled in (MLflow's run id); may wait.
-
-        Called on the checkpoint writer's thread, before the file holding `state` is written.
-        """
-        return state
 
     def resume(self, state: dict[str, Any]) -> None:
         """Called once at start when resuming from a checkpoint that saved `state()`."""
@@ -67,9 +60,9 @@ class MultiTracker(Tracker):
         for tracker in self.trackers:
             tracker.log_artifact(path)
 
-    def log_figure(self, name: str, figure: Any, step: int) -> None:
+    def log_image(self, name: str, png: bytes, step: int) -> None:
         for tracker in self.trackers:
-            tracker.log_figure(name, figure, step)
+            tracker.log_image(name, png, step)
 
     def commit(self) -> None:
         for tracker in self.trackers:
@@ -77,14 +70,6 @@ class MultiTracker(Tracker):
 
     def state(self) -> dict[str, Any]:
         return {type(tracker).__name__: tracker.state() for tracker in self.trackers}
-
-    def complete(self, state: dict[str, Any]) -> dict[str, Any]:
-        done = dict(state)
-        for tracker in self.trackers:
-            name = type(tracker).__name__
-            if name in done:
-                done[name] = tracker.complete(done[name])
-        return done
 
     def resume(self, state: dict[str, Any]) -> None:
         for tracker in self.trackers:

@@ -15,7 +15,6 @@ re-sends the checkpoint's unconfirmed events, which the child skips where the st
 from __future__ import annotations
 
 import atexit
-import io
 import itertools
 import logging
 import os
@@ -170,23 +169,20 @@ class MlflowTracker(Tracker):
         if self._accepting():
             self._outbox.put(("artifact", str(Path(path).resolve())))
 
-    def log_figure(self, name: str, figure: Any, step: int) -> None:
-        """Render here: the caller owns the figure, and only its PNG bytes travel to the child."""
+    def log_image(self, name: str, png: bytes, step: int) -> None:
         if self._accepting():
-            buffer = io.BytesIO()
-            figure.savefig(buffer, format="png", bbox_inches="tight")
-            self._outbox.put(("figure", name, buffer.getvalue(), step))
+            self._outbox.put(("image", name, png, step))
 
     def state(self) -> dict[str, Any]:
-        """The events a checkpoint taken now covers; the run id is None until the child has opened
-        the run (`complete` fills it in on the checkpoint writer's thread, so training never waits)."""
+        """The events a checkpoint taken now covers, and the run id once the child has opened the run.
+
+        Never waits: a checkpoint taken in the first seconds, while the child still imports MLflow,
+        holds no run id, and a resume from it finds the run by its `run_dir` tag instead.
+        """
         with self._lock:
             self._covered = len(self._events)
             pending = [list(event) for event in self._events]
         return {"run_id": self._run_id, "pending": pending}
-
-    def complete(self, state: dict[str, Any]) -> dict[str, Any]:
-        return state if state["run_id"] is not None else {**state, "run_id": self.run_id}
 
     def commit(self) -> None:
         """Send what the last checkpoint holds; later events wait for the next checkpoint."""
@@ -242,7 +238,7 @@ class MlflowTracker(Tracker):
         return done.wait(timeout) or not self._reader.is_alive()
 
     def finish(self, status: str | None) -> None:
-        """Send what is left, close the run and wait for the child to exit, at most a minute.
+        """Send what is left, close the run and wait until the child says it is written, at most a minute.
 
         A FAILED or KILLED run may be resumed from its last checkpoint, which logs the events after
         that checkpoint again; so only a FINISHED run (or one that never checkpointed) sends them.
@@ -262,9 +258,10 @@ class MlflowTracker(Tracker):
             self._send_upto(len(self._events) if everything else self._covered)
         self._outbox.put(("finish", status))
         self._outbox.put(None)
-        try:
-            self._child.process.wait(_FINISH_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
+        # The reader ends at the child's "finished": every event, artifact and the status are in the
+        # store. The child's own exit (a second of unloading MLflow) is not waited for.
+        self._reader.join(_FINISH_TIMEOUT_S)
+        if self._reader.is_alive():
             log.warning(
                 "MLflow: %s did not answer within %.0fs; run %s may miss its last events",
                 self.tracking_uri,
@@ -272,7 +269,6 @@ class MlflowTracker(Tracker):
                 self._run_id,
             )
             return
-        self._reader.join(5)
         self._child.close()
 
     def _end_fluent_run(self) -> None:

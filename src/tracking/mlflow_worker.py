@@ -7,7 +7,8 @@ where FD is this end of a socket pair. It opens the store at once (so the migrat
 trainer's set-up), then serves the messages the tracker sends, in order:
 
     ("open", experiment, run_name, tags, run_id | None)  -> ("opened", run_id | None, error | None)
-    ("params", {key: value}) / ("artifact", path) / ("figure", name, png, step)
+        (without a run_id, a live run tagged with the same run_dir is reopened if there is one)
+    ("params", {key: value}) / ("artifact", path) / ("image", name, png, step)
     ("events", [event, ...])          metric events released by a checkpoint
     ("resume_events", [event, ...])   a checkpoint's unconfirmed events: those in the store are skipped
     ("ping", token)                   -> ("pong", token) once everything before it is done
@@ -92,6 +93,7 @@ class Worker:
         try:
             if self.client is None:
                 self.connect()
+            wanted = wanted or self.run_of_directory(experiment, tags.get("run_dir"))
             run_id = self.reopen(wanted, tags) if wanted else None
             if run_id is None:
                 run = self.client.create_run(self.experiment_id(experiment), run_name=run_name, tags=tags)
@@ -101,6 +103,22 @@ class Worker:
             return
         self.run_id = run_id
         self.conn.send(("opened", run_id, None))
+
+    def run_of_directory(self, experiment: str, run_dir: str | None) -> str | None:
+        """The live run that an earlier start of this run directory opened, if any.
+
+        A checkpoint taken before the run id was known names no run; resuming from it continues the
+        run tagged with the same `run_dir`. A new run directory matches none.
+        """
+        if not run_dir or "'" in run_dir:  # no quoting in MLflow's filter strings
+            return None
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            return None
+        runs = self.client.search_runs(
+            [found.experiment_id], filter_string=f"tags.run_dir = '{run_dir}'", max_results=1
+        )
+        return runs[0].info.run_id if runs else None
 
     def reopen(self, run_id: str, tags: dict[str, str]) -> str | None:
         """Set the run back to RUNNING; None when the store has no such live run."""
@@ -192,7 +210,7 @@ class Worker:
         else:
             self.client.log_artifact(self.run_id, str(local))
 
-    def figure(self, name: str, png: bytes, step: int) -> None:
+    def image(self, name: str, png: bytes, step: int) -> None:
         where = PurePosixPath("figures", name)
         with tempfile.TemporaryDirectory() as tmp:
             file = Path(tmp, f"{where.name}_step{step}.png")

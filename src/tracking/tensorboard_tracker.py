@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ from src.tracking.base import Tracker
 
 
 class TensorBoardTracker(Tracker):
-    """Scalars and figures by global step.
+    """Scalars and images by global step.
 
     On resume the writer is opened with `purge_step`, which tells TensorBoard to hide events at or
     after that step written before the crash, so the resumed run's events replace them.
@@ -31,8 +32,12 @@ class TensorBoardTracker(Tracker):
             self._writer.add_scalar(key, float(value), global_step=step)
         self._last_step = max(self._last_step, step)
 
-    def log_figure(self, name: str, figure: Any, step: int) -> None:
-        self._writer.add_figure(name, figure, global_step=step, close=False)
+    def log_image(self, name: str, png: bytes, step: int) -> None:
+        import numpy as np
+        from PIL import Image
+
+        pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        self._writer.add_image(name, pixels, global_step=step, dataformats="HWC")
 
     def commit(self) -> None:
         self._writer.flush()
