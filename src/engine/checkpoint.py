@@ -97,10 +97,12 @@ class Checkpointer:
                 names.append(name)
         return names
 
-    def save(self, extra_names: list[str], reason: str) -> None:
+    def save(self, extra_names: list[str], reason: str, final: bool = False) -> None:
         """Snapshot the state to host memory and start writing last.pth (+ `extra_names`) on rank 0.
 
-        Returns once the copy is taken; the write goes on in the background (see `wait`).
+        Returns once the copy is taken; the write goes on in the background (see `wait`). `final`:
+        the run ends after this save, so the trackers' state is settled first (the end of a run
+        waits for MLflow anyway); earlier saves take it as it is.
         """
         ctx, st = self.ctx, self.progress
         if not math.isfinite(st.window_loss_sum):  # weights a NaN touched never replace last.pth
@@ -135,6 +137,8 @@ class Checkpointer:
                 dist_utils.barrier()
                 return
             if self.trackers is not None:
+                if final:
+                    self.trackers.settle()
                 state["tracking"] = self.trackers.state()
             names = set(extra_names)
             if self.cfg.checkpoint.save_last or not names:  # a save always leaves a resumable file

@@ -124,7 +124,8 @@ class Trainer:
                 st.end_epoch(epoch)
                 names = self.checkpointer.epoch_names(epoch, metrics)
                 st.early_stopped = self.early_stopping.should_stop(metrics)
-                self.checkpointer.save(names, f"epoch {epoch + 1}")
+                final = st.early_stopped or epoch + 1 == end or self.stop.requested
+                self.checkpointer.save(names, f"epoch {epoch + 1}", final)
                 if st.early_stopped:
                     log.info("early stopping: %s did not improve for %d validation(s)",
                              self.early_stopping.monitor, st.stale_epochs)  # fmt: skip
@@ -182,7 +183,7 @@ class Trainer:
                 self.profiler.step()
             if self._log_and_agree_on_stop(bar) and i < n_batches:
                 self.window.store(st)  # keep the unlogged losses so the resumed log window is whole
-                self.checkpointer.save([], f"{self.stop.signal_name or 'stop request'}")
+                self.checkpointer.save([], f"{self.stop.signal_name or 'stop request'}", final=True)
                 bar.close()
                 return None
             if self.save_every and st.global_step % self.save_every == 0 and i < n_batches:

@@ -35,6 +35,9 @@ class Tracker:
         """Small JSON-able dict saved inside each checkpoint; taken at a step boundary, so it never waits."""
         return {}
 
+    def settle(self) -> None:
+        """Wait until `state()` knows everything it will hold (MLflow's run id); before a run's last checkpoint."""
+
     def resume(self, state: dict[str, Any]) -> None:
         """Called once at start when resuming from a checkpoint that saved `state()`."""
 
@@ -70,6 +73,10 @@ class MultiTracker(Tracker):
 
     def state(self) -> dict[str, Any]:
         return {type(tracker).__name__: tracker.state() for tracker in self.trackers}
+
+    def settle(self) -> None:
+        for tracker in self.trackers:
+            tracker.settle()
 
     def resume(self, state: dict[str, Any]) -> None:
         for tracker in self.trackers:

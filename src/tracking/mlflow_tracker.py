@@ -177,12 +177,16 @@ class MlflowTracker(Tracker):
         """The events a checkpoint taken now covers, and the run id once the child has opened the run.
 
         Never waits: a checkpoint taken in the first seconds, while the child still imports MLflow,
-        holds no run id, and a resume from it finds the run by its `run_dir` tag instead.
+        holds no run id, and a resume from it finds the run by its `run_dir` tag instead. A run's
+        last checkpoint calls `settle` first, so test.py and later resumes find the run by its id.
         """
         with self._lock:
             self._covered = len(self._events)
             pending = [list(event) for event in self._events]
         return {"run_id": self._run_id, "pending": pending}
+
+    def settle(self) -> None:
+        self._opened.wait()
 
     def commit(self) -> None:
         """Send what the last checkpoint holds; later events wait for the next checkpoint."""
