@@ -274,6 +274,7 @@ class MlflowTracker(Tracker):
             )
             return
         self._child.close()
+        threading.Thread(target=self._child.process.wait, name="mlflow-reaper", daemon=True).start()
 
     def _end_fluent_run(self) -> None:
         """Close the fluent run that user code resumed in this process (see `make_active`), if any."""
