@@ -175,6 +175,30 @@ def test_mlflow_checkpoint_before_the_run_is_open_costs_nothing_and_resumes_the_
     assert client.get_run(second.run_id).info.status == "FINISHED"
 
 
+def test_a_kill_while_the_mlflow_store_is_created_leaves_no_half_made_store(tmp_path: Path) -> None:
+    """The trainer's death kills MLflow's child, maybe while it creates a new store's tables; the
+    store is built aside and linked into place, so the next start opens it as if nothing happened."""
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from src.tracking.mlflow_worker import create_sqlite_store; create_sqlite_store({uri!r})"
+    child = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".mlflow.db.*.tmp")):
+        assert child.poll() is None and time.monotonic() < deadline, "the store was not built aside"
+        time.sleep(0.002)
+    child.kill()
+    child.wait()
+    assert not (tmp_path / "mlflow.db").exists()
+
+    tracker = MlflowTracker(uri, "after_kill", "run_k", tags={})
+    _log_steps(tracker, range(2))
+    tracker.finish("FINISHED")
+    assert tracker.run_id is not None
+    assert _steps(uri, tracker.run_id, "train_loss") == [0, 1]
+    assert not list(tmp_path.glob(".mlflow.db.*.tmp"))  # the killed start's file is gone
+
+
 @pytest.mark.slow
 def test_mlflow_sigkill_right_after_commit_loses_nothing(store: str) -> None:
     """The commit may not have reached the store when the process dies; resume sends it then."""

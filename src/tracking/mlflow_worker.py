@@ -56,7 +56,7 @@ class Worker:
 
         for name in ("mlflow", "alembic"):  # set on import; their INFO lines about tables are noise here
             logging.getLogger(name).setLevel(logging.WARNING)
-        make_sqlite_folder(self.uri)
+        create_sqlite_store(self.uri)
         client = MlflowClient(self.uri)
         client.search_experiments(max_results=1)  # builds the store: the slow part
         self.client = client
@@ -230,10 +230,44 @@ class Worker:
             self.conn.send(("finished",))
 
 
-def make_sqlite_folder(uri: str) -> None:
-    """sqlite creates the database file but not its folder."""
-    if uri.startswith("sqlite:///") and ":memory:" not in uri:
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+def create_sqlite_store(uri: str) -> None:
+    """A new sqlite store is built under a temporary name, then linked into place.
+
+    Creating MLflow's tables takes seconds; a trainer killed in that time takes this process with it
+    (see `_die_with_parent`), and a half-migrated database is one MLflow cannot open again. Built
+    aside, a kill leaves only a temporary file, removed by the next start. If another process
+    created the store meanwhile, its store is used and this one dropped.
+    """
+    from mlflow.tracking import MlflowClient
+
+    if not uri.startswith("sqlite:///") or ":memory:" in uri:
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        return
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a start that was killed
+        with contextlib.suppress(ValueError, OSError):
+            if not _alive(int(stale.suffixes[-2].lstrip("."))):
+                stale.unlink()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    MlflowClient(f"sqlite:///{tmp}").search_experiments(max_results=1)  # creates every table
+    try:
+        os.link(tmp, path)  # atomic, and never replaces a store another process made meanwhile
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def artifact_location(uri: str) -> str | None:
