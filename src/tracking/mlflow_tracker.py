@@ -220,11 +220,13 @@ class MlflowTracker(Tracker):
         not open yet, the reader thread sets the variables once it is. `finish` ends that fluent run
         before the child writes the real status, so MLflow's exit hook cannot mark a failed run FINISHED.
         """
-        with self._lock:
-            if self._run_id is None and not self._opened.is_set():
-                self._activate_on_open = True
-        if wait or self._opened.is_set():
-            self._point_user_code(self.run_id)
+        with self._lock:  # the reader sets the run id and reads the flag under the same lock
+            run_id = self._run_id
+            if run_id is None:
+                self._activate_on_open = True  # the reader points user code at the run when it opens
+        if run_id is None and wait:
+            run_id = self.run_id
+        self._point_user_code(run_id)
 
     def _point_user_code(self, run_id: str | None) -> None:
         if run_id is not None:

@@ -58,7 +58,7 @@ class Worker:
             logging.getLogger(name).setLevel(logging.WARNING)
         create_sqlite_store(self.uri)
         client = MlflowClient(self.uri)
-        client.search_experiments(max_results=1)  # builds the store: the slow part
+        client.search_experiments(max_results=1)  # opens it (a schema check: about a second)
         self.client = client
 
     def serve(self) -> None:
