@@ -91,7 +91,7 @@ if [[ $cpu == 1 ]]; then
 fi
 
 # 3. an op without a deterministic CUDA kernel: one error line naming it and the setting
-train nondet "${common[@]}" "${det[@]}" model.name=BilinearCNN
+train nondet "${common[@]}" "${det[@]}" model.name=MaxPooledCNN
 code=$?
 lines="$(grep -c '^error: .*no deterministic implementation.*gpu.deterministic' "$work/nondet.log")"
 [[ $code == 1 && $lines == 1 && $(grep -c Traceback "$work/nondet.log") == 0 ]]
