@@ -23,7 +23,17 @@ from src.engine.build import preflight
 from src.engine.checkpoint import load_checkpoint
 from src.errors import ConfigError, RunError, did_you_mean, one_line
 from src.user_modules import import_user_modules
-from tests.helpers import ROOT, TINY, explain, only_run_dir, read_metrics, result_dirs, run_script
+from tests.helpers import (
+    ROOT,
+    TINY,
+    explain,
+    fill_disk,
+    only_run_dir,
+    read_metrics,
+    result_dirs,
+    run_script,
+    small_file_system,
+)
 
 register_builtins()
 
@@ -444,6 +454,66 @@ def test_traceback_environment_switch(monkeypatch, capsys):
     assert run_cli(refuse, show_traceback=False) == 1
     err = capsys.readouterr().err
     assert err.startswith("Traceback") and err.endswith("error: the widget broke; fix the widget\n")
+
+
+# ---------------------------------------------------------------------- a full disk outside a checkpoint save
+def test_full_disk_at_start_up_is_one_line_and_leaves_nothing(tmp_path):
+    out = tmp_path / "small"
+    with small_file_system(out, "64k") as mounted:
+        if not mounted:
+            pytest.skip("needs root to mount a tmpfs")
+        fill_disk(out / "filler")
+        proc = run_script("train.py", DUMMY, f"output={out}", *TINY)
+        left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    line = error_line(proc, 1)
+    assert_words(line, "cannot write", "config.yaml: no space left on the device (it needs about 0.0",
+                 " MB, 0.00 MB free); free some space, then run the same command again")  # fmt: skip
+    assert left == ["filler"]  # no result directory, no config.yaml.tmp
+
+
+FILLS_AT_TEST = """
+import os
+
+from src.data.datasets import SyntheticClassification
+from src.registry import DATASET_REGISTRY
+
+
+@DATASET_REGISTRY.register()
+class FillsDiskAtTest(SyntheticClassification):
+    \"\"\"The synthetic set; building its test split first fills the file system holding $FILL_AT_TEST.\"\"\"
+
+    def __init__(self, split, **kwargs):
+        super().__init__(split=split, **kwargs)
+        if split == "test" and os.environ.get("FILL_AT_TEST"):
+            from tests.helpers import fill_disk
+
+            fill_disk(os.environ["FILL_AT_TEST"])
+"""
+
+
+def test_full_disk_while_writing_the_test_results_is_one_line_and_a_rerun_finishes(tmp_path):
+    out = tmp_path / "small"
+    write(tmp_path / "pkg" / "fills.py", FILLS_AT_TEST)
+    env = {"PYTHONPATH": f"{tmp_path / 'pkg'}{os.pathsep}{ROOT}"}
+    with small_file_system(out, "2m") as mounted:
+        if not mounted:
+            pytest.skip("needs root to mount a tmpfs")
+        proc = run_script("train.py", DUMMY, f"output={out}", *TINY, "epoch=1", "imports=[fills]",
+                          "dataset.name=FillsDiskAtTest", env={**env, "FILL_AT_TEST": str(out / "filler")})  # fmt: skip
+        run = only_run_dir(out)
+        left = sorted(p.name for p in run.iterdir())
+        (out / "filler").unlink()  # room again: the same command only tests
+        again = run_script("train.py", str(run / "config.yaml"), env=env)
+        tested = sorted(p.name for p in (run / "test").iterdir()) if (run / "test").is_dir() else []
+    line = error_line(proc, 1)
+    assert_words(line, f"cannot write {run}/test/ (metrics.json, classification_report.txt, confusion_matrix.png",
+                 "no space left on the device (it needs about 0.", "0.00 MB free); free some space",
+                 f"then finish the test with: python train.py {run}/config.yaml")  # fmt: skip
+    assert proc.stderr.count("Traceback") == 0 and "Logging error" not in proc.stderr
+    assert "test" not in left and not [n for n in left if n.startswith(".")], left  # nothing half-written
+    assert again.returncode == 0, explain(again)
+    assert tested == ["classification_report.txt", "confusion_matrix.png", "confusion_matrix_normalized.png",
+                      "metrics.json"]  # fmt: skip
 
 
 # ---------------------------------------------------------------------- training: non-finite losses
