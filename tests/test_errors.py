@@ -32,6 +32,8 @@ from tests.helpers import (
     read_metrics,
     result_dirs,
     run_script,
+    run_shell,
+    shell_env,
     small_file_system,
 )
 
@@ -149,6 +151,31 @@ def test_missing_config_and_missing_or_cyclic_base(tmp_path):
     write(tmp_path / "d.yaml", "__base__: 42\n")
     with pytest.raises(ConfigError, match=r"__base__ in .*d.yaml must be a file name"):
         load_config(tmp_path / "d.yaml")
+
+
+@pytest.mark.parametrize(
+    "config, overrides, words",
+    [
+        (DUMMY, ["training.stop_signals=[SIGKILL]"],
+         ["training.stop_signals: 'SIGKILL'", "cannot be caught", "[SIGTERM, SIGINT, SIGUSR1]"]),
+        (DUMMY, [f"seed={2**70}"], ["'seed' must be >= 0 and <= 4294967295", str(2**70), "the command line"]),
+        (DUMMY, [f"epoch={10**20}"], ["'epoch' must be >= 1 and <= 1000000", str(10**20)]),
+        (DUMMY, [f"batch={10**20}"], ["'batch' is too large", "64 bits"]),
+        ("recursive.yaml", [], ["recursive YAML anchor in", "recursive.yaml", "'model.self'", "write the values out"]),
+        ("empty.yaml", [], ["config file", "empty.yaml is empty", "built-in defaults", "config/dummy.yaml"]),
+        ("folder", [], ["config path", "folder is a directory, not a YAML file", "folder/config.yaml"]),
+    ],
+)  # fmt: skip
+def test_unusable_config_exits_2_in_one_line_and_writes_nothing(tmp_path, config, overrides, words):
+    write(tmp_path / "recursive.yaml", "model: &m {name: SimpleCNN, self: *m}\n")
+    write(tmp_path / "empty.yaml", "# nothing but a comment\n")
+    write(tmp_path / "folder" / "config.yaml", "")
+    before = sorted(tmp_path.rglob("*"))
+    path = config if config == DUMMY else str(tmp_path / config)
+    out = tmp_path / "out"
+    line = error_line(run_script("train.py", path, f"output={out}", *TINY, *overrides), 2)
+    assert_words(line, *words)
+    assert sorted(tmp_path.rglob("*")) == before  # no result directory, nothing else
 
 
 def test_component_given_by_name_and_argument_in_either_order():
@@ -514,6 +541,27 @@ def test_full_disk_while_writing_the_test_results_is_one_line_and_a_rerun_finish
     assert again.returncode == 0, explain(again)
     assert tested == ["classification_report.txt", "confusion_matrix.png", "confusion_matrix_normalized.png",
                       "metrics.json"]  # fmt: skip
+
+
+def test_full_disk_under_torchrun_names_the_torchrun_command_to_resume_with(tmp_path):
+    """`python train.py` would be refused for a 2-process run: the line names the launcher it ran under."""
+    out = tmp_path / "small"
+    with small_file_system(out, "560k") as mounted:  # room for one checkpoint of about 0.30 MB, not two
+        if not mounted:
+            pytest.skip("needs root to mount a tmpfs")
+        proc = run_shell(
+            f"./torchrun.sh 2 train.py {DUMMY} output={out} logging.mlflow=false logging.tensorboard=false "
+            "epoch=2 batch=16 dataset.train_size=32 dataset.val_size=16 dataset.test_size=16",
+            env=shell_env(tmp_path),
+            timeout=300,
+        )
+        run = only_run_dir(out)
+    assert proc.returncode != 0, explain(proc)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, explain(proc)
+    assert_words(lines[0], "cannot save checkpoint", "no space left on the device (it needs about 0.",
+                 f"free some space, then resume with: ./torchrun.sh 2 train.py {run}/config.yaml")  # fmt: skip
+    assert "python train.py" not in lines[0]
 
 
 # ---------------------------------------------------------------------- training: non-finite losses

@@ -389,7 +389,8 @@ def _check_stop_signals(names: list[Any], origin: str) -> None:
     for name in names:
         sig = getattr(signal, str(name).upper(), None) if str(name).upper().startswith("SIG") else None
         if not isinstance(sig, signal.Signals) or sig in (signal.SIGKILL, signal.SIGSTOP):
-            why = "cannot be caught, so no checkpoint could be saved on it" if sig else "is not a signal"
+            caught = "cannot be caught, so no checkpoint could be saved on it"
+            why = caught if isinstance(sig, signal.Signals) else "is not a signal"
             raise ConfigError(
                 f"training.stop_signals: {name!r} (from {origin}) {why}; "
                 "use catchable signals, e.g. [SIGTERM, SIGINT, SIGUSR1]"
