@@ -529,6 +529,7 @@ def test_full_disk_while_writing_the_test_results_is_one_line_and_a_rerun_finish
                           "dataset.name=FillsDiskAtTest", env={**env, "FILL_AT_TEST": str(out / "filler")})  # fmt: skip
         run = only_run_dir(out)
         left = sorted(p.name for p in run.iterdir())
+        tested_alone = run_script("test.py", str(run / "config.yaml"), env=env)  # still full
         (out / "filler").unlink()  # room again: the same command only tests
         again = run_script("train.py", str(run / "config.yaml"), env=env)
         tested = sorted(p.name for p in (run / "test").iterdir()) if (run / "test").is_dir() else []
@@ -538,6 +539,7 @@ def test_full_disk_while_writing_the_test_results_is_one_line_and_a_rerun_finish
                  f"then finish the test with: python train.py {run}/config.yaml")  # fmt: skip
     assert proc.stderr.count("Traceback") == 0 and "Logging error" not in proc.stderr
     assert "test" not in left and not [n for n in left if n.startswith(".")], left  # nothing half-written
+    assert_words(error_line(tested_alone, 1), f"cannot write {run}/test/", "no space left on the device")
     assert again.returncode == 0, explain(again)
     assert tested == ["classification_report.txt", "confusion_matrix.png", "confusion_matrix_normalized.png",
                       "metrics.json"]  # fmt: skip
