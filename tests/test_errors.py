@@ -493,9 +493,26 @@ def test_full_disk_at_start_up_is_one_line_and_leaves_nothing(tmp_path):
         proc = run_script("train.py", DUMMY, f"output={out}", *TINY)
         left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
     line = error_line(proc, 1)
-    assert_words(line, "cannot write", "config.yaml: no space left on the device (it needs about 0.0",
-                 " MB, 0.00 MB free); free some space, then run the same command again")  # fmt: skip
+    assert_words(line, "cannot write", "config.yaml: no space left on the device (it needs about ",
+                 " KB, 0.0 KB free); free some space, then run the same command again")  # fmt: skip
     assert left == ["filler"]  # no result directory, no config.yaml.tmp
+
+
+def test_full_disk_at_start_up_under_torchrun_leaves_no_result_directory(tmp_path):
+    out = tmp_path / "small"
+    with small_file_system(out, "64k") as mounted:
+        if not mounted:
+            pytest.skip("needs root to mount a tmpfs")
+        fill_disk(out / "filler")
+        proc = run_shell(
+            f"./torchrun.sh 2 train.py {DUMMY} output={out} {' '.join(TINY)}", env=shell_env(tmp_path)
+        )
+        left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert proc.returncode != 0, explain(proc)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, explain(proc)
+    assert_words(lines[0], "cannot write", "no space left on the device", "then run the same command again")
+    assert left == [".elastic", "filler"]  # an empty folder of torchrun markers; no run, no temporary file
 
 
 FILLS_AT_TEST = """
@@ -535,7 +552,7 @@ def test_full_disk_while_writing_the_test_results_is_one_line_and_a_rerun_finish
         tested = sorted(p.name for p in (run / "test").iterdir()) if (run / "test").is_dir() else []
     line = error_line(proc, 1)
     assert_words(line, f"cannot write {run}/test/ (metrics.json, classification_report.txt, confusion_matrix.png",
-                 "no space left on the device (it needs about 0.", "0.00 MB free); free some space",
+                 "no space left on the device (it needs about 0.", " MB, 0.0 KB free); free some space",
                  f"then finish the test with: python train.py {run}/config.yaml")  # fmt: skip
     assert proc.stderr.count("Traceback") == 0 and "Logging error" not in proc.stderr
     assert "test" not in left and not [n for n in left if n.startswith(".")], left  # nothing half-written

@@ -117,13 +117,22 @@ def _fsync_dir(folder: Path) -> None:
 
 def no_room_line(what: str, err: OSError, needed: int, where: Path) -> str:
     """'cannot write X: no space left on the device (it needs about 0.29 MB, 0.30 MB free); free some space'."""
+    free = _free(where)
+    return f"cannot write {what}: {_NO_ROOM[err.errno]} (it needs about {_size(needed)}, {free}); free some space"
+
+
+def _free(where: Path | str) -> str:
     import shutil
 
     try:
-        free = f"{shutil.disk_usage(where).free / 2**20:.2f} MB free"
+        return f"{_size(shutil.disk_usage(where).free)} free"
     except OSError:
-        free = "free space unknown"
-    return f"cannot write {what}: {_NO_ROOM[err.errno]} (it needs about {needed / 2**20:.2f} MB, {free}); free some space"
+        return "free space unknown"
+
+
+def _size(count: int) -> str:
+    """Bytes as a person reads them: 0.29 MB, or 3.1 KB where MB would round to 0.00."""
+    return f"{count / 2**20:.2f} MB" if count >= 10_000 else f"{count / 1024:.1f} KB"
 
 
 def as_no_room(err: BaseException, what: str) -> NoRoomError | None:
@@ -131,14 +140,8 @@ def as_no_room(err: BaseException, what: str) -> NoRoomError | None:
     cause = _no_room(err)
     if cause is None:
         return None
-    import shutil
-
-    try:
-        free = f" ({shutil.disk_usage(what).free / 2**20:.2f} MB free)"
-    except OSError:
-        free = ""
     name = cause.filename or f"in {what}"
-    return NoRoomError(f"cannot write {name}: {_NO_ROOM[cause.errno]}{free}; free some space")
+    return NoRoomError(f"cannot write {name}: {_NO_ROOM[cause.errno]} ({_free(what)}); free some space")
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:

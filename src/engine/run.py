@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.config import load_config
 from src.engine import distributed as dist_utils
-from src.engine.atomic_files import NoRoomError, as_no_room
+from src.engine.atomic_files import NoRoomError, as_no_room, atomic_write
 from src.engine.build import preflight
 from src.engine.checkpoint import find_resume_state, load_checkpoint
 from src.engine.precision import nondeterministic_op, prepare_determinism
@@ -54,9 +54,7 @@ def train_main(config_path: str | Path, overrides: list[str], cfg: DictConfig | 
         except NoRoomError as err:
             if not fresh:
                 raise NoRoomError(f"{err}, then resume with: {resume_command(run_dir)}") from None
-            shutil.rmtree(run_dir, ignore_errors=True)
-            if not any(run_dir.parent.iterdir()):
-                run_dir.parent.rmdir()
+            _remove_new_dir(run_dir)
             raise NoRoomError(f"{err}, then run the same command again") from None
     setup_logging(run_dir / "train.log", ctx.rank, debug=bool(cfg.debug))
     log.info("result directory: %s", run_dir)
@@ -220,10 +218,20 @@ def _plan(
     run_dir = Path(dist_utils.broadcast_object(str(run_dir) if run_dir else None))
     if ctx.local_rank == 0 and marker is not None:  # one per node: the agent key differs between nodes
         marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_name(f".{marker.name}.{os.getpid()}")
-        tmp.write_text(str(run_dir))
-        os.replace(tmp, marker)
+        try:
+            atomic_write(marker, str(run_dir))
+        except NoRoomError as err:  # a full disk at start-up under torchrun: nothing is left behind
+            if ctx.is_main:
+                _remove_new_dir(run_dir)
+            raise NoRoomError(f"{err}, then run the same command again") from None
     return run_dir, warm, True
+
+
+def _remove_new_dir(run_dir: Path) -> None:
+    """A new result directory that could not be set up goes again, with its dataset folder if now empty."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if run_dir.parent.is_dir() and not any(run_dir.parent.iterdir()):
+        run_dir.parent.rmdir()
 
 
 def _state_to_continue(cfg: DictConfig) -> dict[str, Any]:
