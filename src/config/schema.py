@@ -61,7 +61,7 @@ class PrivacyConfig:
     target_epsilon: float | None = None  # set: the noise multiplier that spends this epsilon over `epoch`
     target_delta: float = 1e-5  # the delta of the reported (epsilon, delta)
     fix_model: bool = False  # true: Opacus replaces BatchNorm by GroupNorm; false: BatchNorm is refused
-    secure_mode: bool = False  # noise no seed or checkpoint can reproduce (Opacus' secure_mode); not bit-exact
+    secure_mode: bool = False  # noise nothing saved reproduces (Opacus' secure_mode); resume not bit-exact
 
 
 @dataclass
