@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -254,3 +256,28 @@ def run_in_terminal(argv: list[str], rows: int, cols: int, cwd: Path = ROOT, tim
     text = b"".join(chunks).decode(errors="replace")
     assert proc.returncode == 0, f"exit {proc.returncode}\n{text[-4000:]}"
     return text
+
+
+@contextlib.contextmanager
+def small_file_system(path: Path, size: str):
+    """A tmpfs of `size` at `path` (root only); yields False where it cannot be mounted."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = os.geteuid() == 0 and shutil.which("mount") is not None
+    if mounted:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                 capture_output=True).returncode == 0  # fmt: skip
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(path)], check=False)
+
+
+def fill_disk(path: Path) -> None:
+    """Write zeros to `path` until its file system has no room left: a real full disk, on demand."""
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass

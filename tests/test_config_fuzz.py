@@ -9,6 +9,7 @@ inside. Hypothesis drives the mutations; everything runs in-process, without tor
 from __future__ import annotations
 
 import copy
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ scalars = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(min_value=-(10**12), max_value=10**12),
+    st.sampled_from([2**31, 2**32, 2**63 - 1, 2**63, 2**70, -(2**63) - 1]),  # edges of 32 and 64 bits
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=12),
     st.sampled_from(["auto", "cpu", "cuda", "bf16", "16", "fsdp", "ddp", "max", "0,1", "SimpleCNN", "AdamW"]),
@@ -176,3 +178,50 @@ def test_garbled_command_line_overrides_are_accepted_or_refused_in_one_line(args
 )
 def test_known_awkward_values(override):
     _check(lambda: load_config(DUMMY, [override]))
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("training.stop_signals=[SIGKILL]", "cannot be caught"),
+        ("training.stop_signals=[SIGSTOP]", "cannot be caught"),
+        ("training.stop_signals=[SIG_IGN]", "is not a signal"),
+        ("training.stop_signals=[TERM]", "is not a signal"),
+        (f"seed={2**70}", "'seed' must be >= 0 and <= 4294967295"),
+        ("seed=-1", "'seed' must be >= 0"),
+        (f"epoch={10**20}", "'epoch' must be >= 1 and <= 1000000"),
+        (f"batch={10**20}", "'batch' is too large"),
+        (f"checkpoint.save_every_n_steps={2**63}", "does not fit in 64 bits"),
+        ("model={name: SimpleCNN, a: &x [*x]}", "recursive YAML anchor in override"),
+        ("training.privacy.noise_multiplier=2", "training.privacy.enabled is not true"),
+        ("training.privacy.secure_mode=true", "training.privacy.enabled is not true"),
+    ],
+)
+def test_values_no_run_could_use_are_refused(override, words):
+    """Each of these once crashed deep inside torch or signal, recursed without end, or was accepted."""
+    with pytest.raises(ConfigError, match=re.escape(words)) as err:
+        preflight(load_config(DUMMY, [override]))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("", "is empty"),
+        ("# only a comment\n", "is empty"),
+        ("{}\n", "is empty"),
+        (
+            "model: &m {name: SimpleCNN, self: *m}\n",
+            "'model.self' refers to a mapping or list that contains it",
+        ),
+        ("a: &l [1, *l]\n", "'a.1' refers to"),
+    ],
+)
+def test_files_no_run_could_use_are_refused(workdir, text, words):
+    path = workdir / "odd.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(words)) as err:
+        load_config(path)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="is a directory, not a YAML file"):
+        load_config(workdir)

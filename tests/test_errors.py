@@ -23,7 +23,19 @@ from src.engine.build import preflight
 from src.engine.checkpoint import load_checkpoint
 from src.errors import ConfigError, RunError, did_you_mean, one_line
 from src.user_modules import import_user_modules
-from tests.helpers import ROOT, TINY, explain, only_run_dir, read_metrics, result_dirs, run_script
+from tests.helpers import (
+    ROOT,
+    TINY,
+    explain,
+    fill_disk,
+    only_run_dir,
+    read_metrics,
+    result_dirs,
+    run_script,
+    run_shell,
+    shell_env,
+    small_file_system,
+)
 
 register_builtins()
 
@@ -139,6 +151,31 @@ def test_missing_config_and_missing_or_cyclic_base(tmp_path):
     write(tmp_path / "d.yaml", "__base__: 42\n")
     with pytest.raises(ConfigError, match=r"__base__ in .*d.yaml must be a file name"):
         load_config(tmp_path / "d.yaml")
+
+
+@pytest.mark.parametrize(
+    "config, overrides, words",
+    [
+        (DUMMY, ["training.stop_signals=[SIGKILL]"],
+         ["training.stop_signals: 'SIGKILL'", "cannot be caught", "[SIGTERM, SIGINT, SIGUSR1]"]),
+        (DUMMY, [f"seed={2**70}"], ["'seed' must be >= 0 and <= 4294967295", str(2**70), "the command line"]),
+        (DUMMY, [f"epoch={10**20}"], ["'epoch' must be >= 1 and <= 1000000", str(10**20)]),
+        (DUMMY, [f"batch={10**20}"], ["'batch' is too large", "64 bits"]),
+        ("recursive.yaml", [], ["recursive YAML anchor in", "recursive.yaml", "'model.self'", "write the values out"]),
+        ("empty.yaml", [], ["config file", "empty.yaml is empty", "built-in defaults", "config/dummy.yaml"]),
+        ("folder", [], ["config path", "folder is a directory, not a YAML file", "folder/config.yaml"]),
+    ],
+)  # fmt: skip
+def test_unusable_config_exits_2_in_one_line_and_writes_nothing(tmp_path, config, overrides, words):
+    write(tmp_path / "recursive.yaml", "model: &m {name: SimpleCNN, self: *m}\n")
+    write(tmp_path / "empty.yaml", "# nothing but a comment\n")
+    write(tmp_path / "folder" / "config.yaml", "")
+    before = sorted(tmp_path.rglob("*"))
+    path = config if config == DUMMY else str(tmp_path / config)
+    out = tmp_path / "out"
+    line = error_line(run_script("train.py", path, f"output={out}", *TINY, *overrides), 2)
+    assert_words(line, *words)
+    assert sorted(tmp_path.rglob("*")) == before  # no result directory, nothing else
 
 
 def test_component_given_by_name_and_argument_in_either_order():
@@ -444,6 +481,106 @@ def test_traceback_environment_switch(monkeypatch, capsys):
     assert run_cli(refuse, show_traceback=False) == 1
     err = capsys.readouterr().err
     assert err.startswith("Traceback") and err.endswith("error: the widget broke; fix the widget\n")
+
+
+# ---------------------------------------------------------------------- a full disk outside a checkpoint save
+def test_full_disk_at_start_up_is_one_line_and_leaves_nothing(tmp_path):
+    out = tmp_path / "small"
+    with small_file_system(out, "64k") as mounted:
+        if not mounted:
+            pytest.skip("needs root to mount a tmpfs")
+        fill_disk(out / "filler")
+        proc = run_script("train.py", DUMMY, f"output={out}", *TINY)
+        left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    line = error_line(proc, 1)
+    assert_words(line, "cannot write", "config.yaml: no space left on the device (it needs about ",
+                 " KB, 0.0 KB free); free some space, then run the same command again")  # fmt: skip
+    assert left == ["filler"]  # no result directory, no config.yaml.tmp
+
+
+def test_full_disk_at_start_up_under_torchrun_leaves_no_result_directory(tmp_path):
+    out = tmp_path / "small"
+    with small_file_system(out, "64k") as mounted:
+        if not mounted:
+            pytest.skip("needs root to mount a tmpfs")
+        fill_disk(out / "filler")
+        proc = run_shell(
+            f"./torchrun.sh 2 train.py {DUMMY} output={out} {' '.join(TINY)}", env=shell_env(tmp_path)
+        )
+        left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert proc.returncode != 0, explain(proc)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, explain(proc)
+    assert_words(lines[0], "cannot write", "no space left on the device", "then run the same command again")
+    assert left == [".elastic", "filler"]  # an empty folder of torchrun markers; no run, no temporary file
+
+
+FILLS_AT_TEST = """
+import os
+
+from src.data.datasets import SyntheticClassification
+from src.registry import DATASET_REGISTRY
+
+
+@DATASET_REGISTRY.register()
+class FillsDiskAtTest(SyntheticClassification):
+    \"\"\"The synthetic set; building its test split first fills the file system holding $FILL_AT_TEST.\"\"\"
+
+    def __init__(self, split, **kwargs):
+        super().__init__(split=split, **kwargs)
+        if split == "test" and os.environ.get("FILL_AT_TEST"):
+            from tests.helpers import fill_disk
+
+            fill_disk(os.environ["FILL_AT_TEST"])
+"""
+
+
+def test_full_disk_while_writing_the_test_results_is_one_line_and_a_rerun_finishes(tmp_path):
+    out = tmp_path / "small"
+    write(tmp_path / "pkg" / "fills.py", FILLS_AT_TEST)
+    env = {"PYTHONPATH": f"{tmp_path / 'pkg'}{os.pathsep}{ROOT}"}
+    with small_file_system(out, "2m") as mounted:
+        if not mounted:
+            pytest.skip("needs root to mount a tmpfs")
+        proc = run_script("train.py", DUMMY, f"output={out}", *TINY, "epoch=1", "imports=[fills]",
+                          "dataset.name=FillsDiskAtTest", env={**env, "FILL_AT_TEST": str(out / "filler")})  # fmt: skip
+        run = only_run_dir(out)
+        left = sorted(p.name for p in run.iterdir())
+        tested_alone = run_script("test.py", str(run / "config.yaml"), env=env)  # still full
+        (out / "filler").unlink()  # room again: the same command only tests
+        again = run_script("train.py", str(run / "config.yaml"), env=env)
+        tested = sorted(p.name for p in (run / "test").iterdir()) if (run / "test").is_dir() else []
+    line = error_line(proc, 1)
+    assert_words(line, f"cannot write {run}/test/ (metrics.json, classification_report.txt, confusion_matrix.png",
+                 "no space left on the device (it needs about 0.", " MB, 0.0 KB free); free some space",
+                 f"then finish the test with: python train.py {run}/config.yaml")  # fmt: skip
+    assert proc.stderr.count("Traceback") == 0 and "Logging error" not in proc.stderr
+    assert "test" not in left and not [n for n in left if n.startswith(".")], left  # nothing half-written
+    assert_words(error_line(tested_alone, 1), f"cannot write {run}/test/", "no space left on the device")
+    assert again.returncode == 0, explain(again)
+    assert tested == ["classification_report.txt", "confusion_matrix.png", "confusion_matrix_normalized.png",
+                      "metrics.json"]  # fmt: skip
+
+
+def test_full_disk_under_torchrun_names_the_torchrun_command_to_resume_with(tmp_path):
+    """`python train.py` would be refused for a 2-process run: the line names the launcher it ran under."""
+    out = tmp_path / "small"
+    with small_file_system(out, "560k") as mounted:  # room for one checkpoint of about 0.30 MB, not two
+        if not mounted:
+            pytest.skip("needs root to mount a tmpfs")
+        proc = run_shell(
+            f"./torchrun.sh 2 train.py {DUMMY} output={out} logging.mlflow=false logging.tensorboard=false "
+            "epoch=2 batch=16 dataset.train_size=32 dataset.val_size=16 dataset.test_size=16",
+            env=shell_env(tmp_path),
+            timeout=300,
+        )
+        run = only_run_dir(out)
+    assert proc.returncode != 0, explain(proc)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, explain(proc)
+    assert_words(lines[0], "cannot save checkpoint", "no space left on the device (it needs about 0.",
+                 f"free some space, then resume with: ./torchrun.sh 2 train.py {run}/config.yaml")  # fmt: skip
+    assert "python train.py" not in lines[0]
 
 
 # ---------------------------------------------------------------------- training: non-finite losses

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -10,7 +9,6 @@ import resource
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -24,6 +22,7 @@ from tests.helpers import (
     run_script,
     run_shell,
     shell_env,
+    small_file_system,
 )
 
 DUMMY = str(ROOT / "config" / "dummy.yaml")
@@ -307,21 +306,6 @@ def test_the_readme_fsdp_example_shards_blocks_and_says_which(tmp_path):
 
 
 # ---------------------------------------------------------------------- 10. a full disk while saving
-@contextlib.contextmanager
-def small_file_system(path: Path, size: str):
-    """A tmpfs of `size` at `path` (root only); yields False where it cannot be mounted."""
-    path.mkdir(parents=True, exist_ok=True)
-    mounted = os.geteuid() == 0 and shutil.which("mount") is not None
-    if mounted:
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                                 capture_output=True).returncode == 0  # fmt: skip
-    try:
-        yield mounted
-    finally:
-        if mounted:
-            subprocess.run(["umount", str(path)], check=False)
-
-
 def test_a_full_disk_while_saving_is_one_line_exit_1_and_no_partial_file(tmp_path):
     """On a 560 KB tmpfs (as root) the epoch-2 save finds the disk full; elsewhere a file size limit
     (RLIMIT_FSIZE, the kernel's EFBIG) makes the first save fail the same way: real failed writes."""

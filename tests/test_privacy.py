@@ -126,6 +126,63 @@ def test_train_py_refuses_a_batchnorm_model_before_writing_anything(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_privacy_settings_without_enabled_are_refused_before_anything_is_written(tmp_path):
+    """A user who writes a privacy setting expects privacy: training without it would be the silent lie."""
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(
+        f"__base__: {ROOT / 'config' / 'dummy.yaml'}\ntraining:\n  privacy:\n    noise_multiplier: 2.0\n"
+    )
+    out = tmp_path / "out"
+    proc = run_script("train.py", str(exp), f"output={out}", *TINY)
+    assert proc.returncode == 2, explain(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for words in (
+        "'training.privacy.noise_multiplier' is set (in",
+        "exp.yaml",
+        "enabled=true",
+        "enabled: false",
+    ):
+        assert words in errors[0], errors[0]
+    assert not out.exists()
+    # Saying so is a choice: enabled false beside the setting (as the template's defaults and every
+    # saved config.yaml write the section), or enabled true.
+    assert not load_config(exp, ["training.privacy.enabled=false"]).training.privacy.enabled
+    exp.write_text(exp.read_text() + "    enabled: false\n")
+    assert load_config(exp).training.privacy.noise_multiplier == 2.0
+    with pytest.raises(
+        ConfigError, match=r"'training.privacy.target_epsilon' is set \(in the command line\)"
+    ):
+        load_config(exp, ["training.privacy.target_epsilon=3"])  # later than the file's enabled: false
+    assert load_config(BASE, ["training.privacy.enabled=true", "training.privacy.noise_multiplier=2"])
+
+
+def _one_noisy_step(secure: bool, noise: float = 1.0) -> list[torch.Tensor]:
+    """The gradient after one DP step with noise from the same global RNG state every time."""
+    cfg = private_cfg("model.name=MLP", "model.in_features=6", "model.hidden=[5]", "batch=4",
+                      f"training.privacy.noise_multiplier={noise}", f"training.privacy.secure_mode={secure}")  # fmt: skip
+    torch.manual_seed(0)
+    raw = build_model(cfg, num_classes=3)
+    privacy = Privacy(cfg, num_samples=40)
+    model = privacy.wrap_model(raw)
+    optimizer = privacy.wrap_optimizer(torch.optim.SGD(raw.parameters(), lr=0.0))
+    torch.manual_seed(1)
+    torch.nn.functional.cross_entropy(model(torch.ones(4, 6)), torch.tensor([0, 1, 2, 0])).backward()
+    optimizer.step()
+    return [p.grad.clone() for p in raw.parameters()]
+
+
+def test_secure_mode_noise_cannot_be_recomputed_from_the_seed():
+    plain = [_one_noisy_step(secure=False) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*plain, strict=True))  # reproducible: the seed gives it away
+    secure = [_one_noisy_step(secure=True) for _ in range(2)]
+    assert not any(torch.equal(a, b) for a, b in zip(*secure, strict=True))
+    clean = _one_noisy_step(secure=False, noise=0.0)
+    noise = torch.cat([(a - b).flatten() for a, b in zip(secure[0], clean, strict=True)])
+    scale = 1.0 * 1.0 / 4  # the same as without secure_mode: noise multiplier x clip / expected batch
+    assert noise.std().item() == pytest.approx(scale, rel=0.5)
+
+
 # ---------------------------------------------------------------------- exact resume mid-epoch
 PARTS = slow_mlp_source("PRIVACY_TEST_SLEEP")
 

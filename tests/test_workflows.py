@@ -79,6 +79,26 @@ def test_make_splits_stratified_disjoint_and_complete(demo_raw, tmp_path, capsys
     assert len(list(splits.glob("fold_*_val.txt"))) == 2
 
 
+@pytest.mark.parametrize(
+    "fraction, words",
+    [
+        ("0", ["--test-fraction must be above 0 and below 1, got 0.0", "--test-fraction 0.15"]),
+        ("0.01", ["--test-fraction 0.01", "rounds to no test image", "smallest class has 12", "0.083"]),
+    ],
+)
+def test_make_splits_refuses_a_test_fraction_that_leaves_no_test_image(demo_raw, tmp_path, fraction, words):
+    """Every fold ends with a test on the held-out list: an empty list would fail each fold at its end."""
+    root = tmp_path / "data"
+    root.mkdir()
+    os.symlink(demo_raw, root / "raw")
+    proc = run_script("script/make_splits.py", str(root / "raw"), "--folds", "3", "--test-fraction", fraction)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, explain(proc)
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
+    for word in words:
+        assert word in proc.stderr, proc.stderr
+    assert sorted(p.name for p in root.iterdir()) == ["raw"]  # no splits/, no half-written temp folder
+
+
 def test_image_folder_fold_and_run_dir_name(demo_raw, tmp_path):
     from omegaconf import OmegaConf
 

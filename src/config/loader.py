@@ -57,7 +57,8 @@ def load_config_with_sources(
     path = Path(path)
     merged: dict[str, Any] = dataclasses.asdict(RootConfig())
     sources = {key: "default" for key in _leaves(merged)}
-    for layer, origin in [*_file_layers(path, ()), (parse_overrides(overrides), CLI)]:
+    layers = [*_file_layers(path, ()), (parse_overrides(overrides), CLI)]
+    for layer, origin in layers:
         layer = _normalise(layer, origin)
         check_keys(layer, origin)
         _merge(merged, layer)
@@ -67,7 +68,31 @@ def load_config_with_sources(
                 sources[".".join(parts[:depth])] = origin
     _check_interpolations(merged, sources)
     check_values(merged, sources)
+    _check_privacy_intent(merged, sources, ["default", *(origin for _, origin in layers)])
     return OmegaConf.create(merged), sources
+
+
+def _check_privacy_intent(cfg: dict[str, Any], sources: dict[str, str], order: list[str]) -> None:
+    """A privacy setting written after the layer that last set `enabled: false` means privacy was wanted.
+
+    Training without it while the user believes the run is private is the one outcome worse than a
+    refusal. An explicit `enabled: false` in the same layer (or a later one) is a deliberate choice,
+    which is how the template's own defaults and a saved run's config.yaml write the section.
+    """
+    privacy = cfg["training"]["privacy"]
+    if privacy.get("enabled"):
+        return
+    rank = {origin: i for i, origin in enumerate(order)}  # later layers rank higher
+    enabled_at = rank.get(sources.get("training.privacy.enabled", "default"), 0)
+    for key in privacy:
+        name = f"training.privacy.{key}"
+        origin = sources.get(name, "default")
+        if key != "enabled" and rank.get(origin, 0) > enabled_at:
+            raise ConfigError(
+                f"'{name}' is set (in {origin}) but training.privacy.enabled is not true: the run would train "
+                "without differential privacy; add training.privacy.enabled=true, or write "
+                "training.privacy.enabled: false beside it to train without privacy on purpose"
+            )
 
 
 def _check_interpolations(merged: dict[str, Any], sources: dict[str, str]) -> None:
@@ -98,6 +123,7 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
         except yaml.YAMLError as err:
             hint = "" if _refused_tag(err) else "; quote text, e.g. 'tag=\"a: b\"'"
             raise ConfigError(f"override {item!r}: {_yaml_problem(err)}{hint}") from None
+        _refuse_cycles(value, f"override {item!r}", tuple(key.split(".")))
         if key == "tag" and value is not None and not isinstance(value, (str, dict, list)):
             value = text.strip()  # a tag is a name: `tag=1e3` stays "1e3", not 1000.0
         node = result
@@ -117,6 +143,12 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     """A YAML file as a dict; a missing file or a syntax error is one line with the file and line."""
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.y*ml"))
+        if "config.yaml" in inside:  # a result directory: its config.yaml resumes the run
+            inside.insert(0, "config.yaml")
+        example = f", e.g. {path / inside[0]}" if inside else ""
+        raise ConfigError(f"config path {path} is a directory, not a YAML file; pass a file{example}")
     if not path.is_file():
         near = ""
         if path.parent.is_dir():
@@ -137,10 +169,27 @@ def read_yaml(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of keys, not {type(data).__name__}")
+    _refuse_cycles(data, str(path))
     if data.get("tag") is not None and not isinstance(data["tag"], (str, dict, list)):
         raw = _raw_scalar(path.read_text(encoding="utf-8"), "tag")  # `tag: 1e3` stays "1e3"
         data["tag"] = data["tag"] if raw is None else raw
     return data
+
+
+def _refuse_cycles(node: Any, origin: str, path: tuple[str, ...] = (), parents: tuple[int, ...] = ()) -> None:
+    """A YAML alias inside the anchor it names (`m: &m {self: *m}`) is a cycle: refuse it before a
+    merge or a copy recurses through it without end."""
+    if not isinstance(node, (dict, list)):
+        return
+    if id(node) in parents:
+        where = ".".join(path) or "the top level"
+        raise ConfigError(
+            f"recursive YAML anchor in {origin}: '{where}' refers to a mapping or list that contains it; "
+            "a config is a tree: write the values out, or point the alias at a sibling"
+        )
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    for key, value in items:
+        _refuse_cycles(value, origin, (*path, str(key)), (*parents, id(node)))
 
 
 def _raw_scalar(text: str, key: str) -> Any:
@@ -160,6 +209,11 @@ def _file_layers(path: Path, chain: tuple[Path, ...]) -> list[tuple[dict[str, An
         cycle = " -> ".join(str(p) for p in (*chain, key))
         raise ConfigError(f"cyclic __base__: {cycle}")
     data = read_yaml(path)
+    if not data and not chain:  # an empty file given by the user would train the schema's defaults
+        raise ConfigError(
+            f"config file {path} is empty, which would train the built-in defaults; write your experiment "
+            "in it (config/dummy.yaml is an example), or pass config/dummy.yaml"
+        )
     layers: list[tuple[dict[str, Any], str]] = []
     for base in _file_names(data.pop("__base__", None), "__base__", path):
         base_path = path.parent / str(base)
@@ -300,10 +354,11 @@ def check_values(cfg: dict[str, Any], sources: dict[str, str]) -> None:
             raise ConfigError(f"'{key}' must be a number, got {value!r} (from {sources.get(key, 'default')})")
         too_low = value < low if low_inclusive else value <= low
         if too_low or value > high:
-            bound = f"{'>=' if low_inclusive else '>'} {low:g}" + (
-                f" and <= {high:g}" if high != float("inf") else ""
+            bound = f"{'>=' if low_inclusive else '>'} {_number(low)}" + (
+                f" and <= {_number(high)}" if high != float("inf") else ""
             )
             raise ConfigError(f"'{key}' must be {bound}, got {value} (from {sources.get(key, 'default')})")
+    _check_stop_signals(cfg["training"]["stop_signals"], sources.get("training.stop_signals", "default"))
     for section, keys in TEMPLATE_KEYS.items():
         for key, default in keys.items():
             value = cfg[section].get(key, default)
@@ -322,6 +377,26 @@ def check_values(cfg: dict[str, Any], sources: dict[str, str]) -> None:
         )
 
 
+def _number(bound: float) -> str:
+    """A range bound as a reader writes it: 4294967295, not 4.29497e+09."""
+    return str(int(bound)) if float(bound).is_integer() and abs(bound) < 1e18 else f"{bound:g}"
+
+
+def _check_stop_signals(names: list[Any], origin: str) -> None:
+    """Each stop signal must exist and be catchable (SIGKILL and SIGSTOP never reach a handler)."""
+    import signal
+
+    for name in names:
+        sig = getattr(signal, str(name).upper(), None) if str(name).upper().startswith("SIG") else None
+        if not isinstance(sig, signal.Signals) or sig in (signal.SIGKILL, signal.SIGSTOP):
+            caught = "cannot be caught, so no checkpoint could be saved on it"
+            why = caught if isinstance(sig, signal.Signals) else "is not a signal"
+            raise ConfigError(
+                f"training.stop_signals: {name!r} (from {origin}) {why}; "
+                "use catchable signals, e.g. [SIGTERM, SIGINT, SIGUSR1]"
+            )
+
+
 def _check_types(node: dict[str, Any], cls: type, prefix: str, sources: dict[str, str]) -> None:
     for key, hint in typing.get_type_hints(cls).items():
         value, name = node.get(key), prefix + key
@@ -333,6 +408,11 @@ def _check_types(node: dict[str, Any], cls: type, prefix: str, sources: dict[str
             expected = _type_name(hint)
             raise ConfigError(
                 f"'{name}' must be {expected}, got {value!r} (from {sources.get(name, 'default')})"
+            )
+        bounded = RANGES.get(name, (0, float("inf")))[1] != float("inf")  # its range names the limit itself
+        if isinstance(fixed, int) and not bounded and not -(2**63) <= fixed < 2**63:  # torch counts in int64
+            raise ConfigError(
+                f"'{name}' is too large: {fixed} (from {sources.get(name, 'default')}) does not fit in 64 bits"
             )
         node[key] = fixed
 

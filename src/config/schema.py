@@ -61,6 +61,7 @@ class PrivacyConfig:
     target_epsilon: float | None = None  # set: the noise multiplier that spends this epsilon over `epoch`
     target_delta: float = 1e-5  # the delta of the reported (epsilon, delta)
     fix_model: bool = False  # true: Opacus replaces BatchNorm by GroupNorm; false: BatchNorm is refused
+    secure_mode: bool = False  # noise nothing saved reproduces (Opacus' secure_mode); resume not bit-exact
 
 
 @dataclass
@@ -204,8 +205,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 # (low, high, low inclusive) bounds of numeric keys.
 RANGES: dict[str, tuple[float, float, bool]] = {
+    "seed": (0, 2**32 - 1, True),  # NumPy's seed range; the seeds derived from it stay inside int64
     "batch": (1, float("inf"), True),
-    "epoch": (1, float("inf"), True),
+    "epoch": (1, 1_000_000, True),  # more is a typo, and would overflow step counts and schedules
     "optimizer.lr": (0, float("inf"), False),
     "training.accumulate_grad_batches": (1, float("inf"), True),
     "training.gradient_clip_norm": (0, float("inf"), True),

@@ -113,3 +113,74 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def no_room_line(what: str, err: OSError, needed: int, where: Path) -> str:
+    """'cannot write X: no space left on the device (it needs about 0.29 MB, 0.30 MB free); free some space'."""
+    free = _free(where)
+    return f"cannot write {what}: {_NO_ROOM[err.errno]} (it needs about {_size(needed)}, {free}); free some space"
+
+
+def _free(where: Path | str) -> str:
+    import shutil
+
+    try:
+        return f"{_size(shutil.disk_usage(where).free)} free"
+    except OSError:
+        return "free space unknown"
+
+
+def _size(count: int) -> str:
+    """Bytes as a person reads them: 0.29 MB, or 3.1 KB where MB would round to 0.00."""
+    return f"{count / 2**20:.2f} MB" if count >= 10_000 else f"{count / 1024:.1f} KB"
+
+
+def as_no_room(err: BaseException, what: str) -> NoRoomError | None:
+    """A full disk met outside a checkpoint save (a log, the metrics file) as one line; None otherwise."""
+    cause = _no_room(err)
+    if cause is None:
+        return None
+    name = cause.filename or f"in {what}"
+    return NoRoomError(f"cannot write {name}: {_NO_ROOM[cause.errno]} ({_free(what)}); free some space")
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """A small file written whole or not at all (temporary file, then a rename); a full disk is a
+    NoRoomError that names the file and the space it needs, with the temporary file removed."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(raw)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno not in _NO_ROOM:
+            raise
+        raise NoRoomError(no_room_line(str(path), err, len(raw), path.parent)) from None
+
+
+def write_folder(folder: Path, files: dict[str, bytes]) -> None:
+    """Give `folder` exactly `files` (name -> content) all at once: they are written into a sibling
+    folder that is then renamed into place, so a reader (or a full disk) never meets half of them."""
+    import shutil
+
+    staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        for name, content in files.items():
+            (staging / name).write_bytes(content)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if err.errno not in _NO_ROOM:
+            raise
+        needed = sum(len(c) for c in files.values())
+        raise NoRoomError(
+            no_room_line(f"{folder}/ ({', '.join(files)})", err, needed, folder.parent)
+        ) from None
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, old)  # a rename needs no space; the old results go once the new are in place
+    os.replace(staging, folder)
+    shutil.rmtree(old, ignore_errors=True)

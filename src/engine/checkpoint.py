@@ -171,7 +171,7 @@ class Checkpointer:
                 shards.wait()  # the other ranks: their own part (done already on rank 0)
         except RunError as err:
             if isinstance(err, NoRoomError):
-                err = NoRoomError(f"{err}, then resume with: python train.py {self.run_dir / 'config.yaml'}")
+                err = NoRoomError(f"{err}, then resume with: {resume_command(self.run_dir)}")
             if failed:
                 log.error("%s", err)
                 return

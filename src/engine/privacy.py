@@ -7,7 +7,10 @@ turns (noise, q, steps) into the epsilon spent so far, logged every epoch.
 
 Resume is exact without saving a sampler: an epoch's draws are a function of (seed, epoch) only, so a
 resumed run redraws them and skips the batches already trained; the noise comes from torch's global
-generator, which every checkpoint saves; the accountant's history is saved beside it.
+generator, which every checkpoint saves; the accountant's history is saved beside it. So whoever holds
+the seed or a checkpoint can recompute the noise: `secure_mode` draws it instead from a generator that
+nothing saved can reproduce (torchcsprng where installed, as Opacus does; otherwise reseeded from the
+OS's entropy before every step), with Opacus' noise formula that resists floating-point attacks.
 An empty draw (probability (1 - q)^N, about e^-batch) takes no step; the accountant still counts it.
 """
 
@@ -162,6 +165,9 @@ class Privacy:
         self.sampler = PoissonSampler(num_samples, int(cfg.batch), int(cfg.seed))
         self.batch = int(cfg.batch)
         self.noise_multiplier = float(p.noise_multiplier)
+        self.secure = bool(p.get("secure_mode", False))
+        self.generator: torch.Generator | None = None  # secure_mode: made beside the parameters
+        self.reseeding = False  # the generator is a plain torch one, given OS entropy before each step
         if p.get("target_epsilon") is not None:
             from opacus.accountants.utils import get_noise_multiplier
 
@@ -171,8 +177,9 @@ class Privacy:
             )  # fmt: skip
         self.accountant = RDPAccountant()
         log.info(
-            "private training: noise multiplier %.4g, max grad norm %g, Poisson sample rate %.4g, delta %g",
+            "private training: noise multiplier %.4g, max grad norm %g, Poisson sample rate %.4g, delta %g%s",
             self.noise_multiplier, self.max_grad_norm, self.sampler.sample_rate, self.delta,
+            ", secure noise (not reproducible: a resume is not bit-exact)" if self.secure else "",
         )  # fmt: skip
 
     # --- hooks, in the order the trainer calls them
@@ -207,12 +214,22 @@ class Privacy:
         """After the scheduler is built: clip per sample, add noise, count the step."""
         from opacus.optimizers import DPOptimizer
 
+        if self.secure:
+            device = next(p.device for group in optimizer.param_groups for p in group["params"])
+            self.generator, self.reseeding = secure_generator(device)
         dp = DPOptimizer(
             optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
-            expected_batch_size=self.batch, loss_reduction="mean",
+            expected_batch_size=self.batch, loss_reduction="mean", generator=self.generator,
+            secure_mode=self.secure,
         )  # fmt: skip
-        dp.attach_step_hook(lambda _: self._account(1))
+        dp.attach_step_hook(lambda _: self._stepped())
         return dp
+
+    def _stepped(self) -> None:
+        """After a step's noise: count the step; a secure generator gets fresh entropy for the next one."""
+        self._account(1)
+        if self.reseeding:
+            reseed(self.generator)
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
         """Count the epoch's empty draws (no step was taken for them) and report epsilon."""
@@ -244,6 +261,25 @@ class Privacy:
             f"epsilon = {self.epsilon():.4g} at delta = {self.delta:g} "
             f"(noise multiplier {self.noise_multiplier:.4g}, max grad norm {self.max_grad_norm:g})"
         )
+
+
+def secure_generator(device: torch.device) -> tuple[torch.Generator, bool]:
+    """(generator, whether to reseed it each step) for noise that neither the seed nor a checkpoint
+    reproduces: torchcsprng's /dev/urandom generator, which Opacus' PrivacyEngine uses for secure_mode,
+    or else a torch generator on `device` reseeded from the OS's entropy."""
+    try:
+        import torchcsprng  # type: ignore[import-not-found]
+
+        return torchcsprng.create_random_device_generator("/dev/urandom"), False
+    except ImportError:  # no build of it for current torch releases
+        return reseed(torch.Generator(device=device)), True
+
+
+def reseed(generator: torch.Generator) -> torch.Generator:
+    """Fresh 64 bits from the operating system: the next draws follow from nothing the run saved."""
+    import os
+
+    return generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
 def build_privacy(cfg: DictConfig, num_samples: int, precision: str) -> Privacy | None:

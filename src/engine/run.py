@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.config import load_config
 from src.engine import distributed as dist_utils
+from src.engine.atomic_files import NoRoomError, as_no_room, atomic_write
 from src.engine.build import preflight
 from src.engine.checkpoint import find_resume_state, load_checkpoint
 from src.engine.precision import nondeterministic_op, prepare_determinism
@@ -48,7 +49,13 @@ def train_main(config_path: str | Path, overrides: list[str], cfg: DictConfig | 
     cfg = OmegaConf.merge(cfg, {"run_dir": str(run_dir)})
     if ctx.is_main:
         cfg = resolve_uri(cfg)
-        save_config(cfg, run_dir)
+        try:  # a full disk here: a new directory goes, a resumed one keeps its config.yaml
+            save_config(cfg, run_dir)
+        except NoRoomError as err:
+            if not fresh:
+                raise NoRoomError(f"{err}, then resume with: {resume_command(run_dir)}") from None
+            _remove_new_dir(run_dir)
+            raise NoRoomError(f"{err}, then run the same command again") from None
     setup_logging(run_dir / "train.log", ctx.rank, debug=bool(cfg.debug))
     log.info("result directory: %s", run_dir)
     if ctx.is_main:  # summary.txt marks a finished run; a resumed one is not finished until it says so again
@@ -61,7 +68,10 @@ def train_main(config_path: str | Path, overrides: list[str], cfg: DictConfig | 
         if not state.finished:
             status = "KILLED"
             return trainer.stop.exit_code
-        metrics = run_test(cfg, ctx, run_dir, checkpoint=None, trackers=trainer.trackers)
+        try:
+            metrics = run_test(cfg, ctx, run_dir, checkpoint=None, trackers=trainer.trackers)
+        except NoRoomError as err:  # training is done and saved: the same command only tests
+            raise NoRoomError(f"{err}, then finish the test with: {resume_command(run_dir)}") from None
         status = "FINISHED"
         marker = elastic_marker(cfg)
         if marker is not None and ctx.local_rank == 0:
@@ -91,13 +101,18 @@ def train_main(config_path: str | Path, overrides: list[str], cfg: DictConfig | 
         )
         log.error("run failed: %s", problem)
         raise problem from None
-    except Exception:
-        log.exception("run failed")
-        raise
+    except Exception as err:
+        full = as_no_room(err, str(run_dir))
+        if full is None:
+            log.exception("run failed")
+            raise
+        problem = NoRoomError(f"{full}, then resume with: {resume_command(run_dir)}")
+        log.error("run failed: %s", problem)
+        raise problem from None
     finally:
         trainer.stop.uninstall()
         if trainer.trackers is not None:
-            trainer.trackers.finish(status)
+            _finish_trackers(trainer.trackers, status, run_dir)
         if status == "FAILED":
             log.error("the run FAILED; checkpoints kept in %s; after a fix, resume with: %s",
                       run_dir / "checkpoints", resume_command(run_dir))  # fmt: skip
@@ -203,10 +218,20 @@ def _plan(
     run_dir = Path(dist_utils.broadcast_object(str(run_dir) if run_dir else None))
     if ctx.local_rank == 0 and marker is not None:  # one per node: the agent key differs between nodes
         marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_name(f".{marker.name}.{os.getpid()}")
-        tmp.write_text(str(run_dir))
-        os.replace(tmp, marker)
+        try:
+            atomic_write(marker, str(run_dir))
+        except NoRoomError as err:  # a full disk at start-up under torchrun: nothing is left behind
+            if ctx.is_main:
+                _remove_new_dir(run_dir)
+            raise NoRoomError(f"{err}, then run the same command again") from None
     return run_dir, warm, True
+
+
+def _remove_new_dir(run_dir: Path) -> None:
+    """A new result directory that could not be set up goes again, with its dataset folder if now empty."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if run_dir.parent.is_dir() and not any(run_dir.parent.iterdir()):
+        run_dir.parent.rmdir()
 
 
 def _state_to_continue(cfg: DictConfig) -> dict[str, Any]:
@@ -281,6 +306,19 @@ def _discard(run_dir: Path, trainer: Trainer) -> None:
 
 
 # ---------------------------------------------------------------------- tracking and summary
+def _finish_trackers(trackers: Any, status: str, run_dir: Path) -> None:
+    """Close the trackers; a full disk while flushing them is one line, and never hides the run's own error."""
+    try:
+        trackers.finish(status)
+    except Exception as err:
+        full = as_no_room(err, str(run_dir))
+        if full is None:
+            raise
+        if status == "FINISHED":  # the history is incomplete: the run must not report success
+            raise NoRoomError(f"{full}, then check {run_dir / 'metrics.jsonl'}") from None
+        log.error("%s", full)  # the error already in flight is the one the user reads
+
+
 def _reopen_mlflow(cfg: DictConfig, run_dir: Path) -> Any:
     state = find_resume_state(run_dir)
     run_id = ((state or {}).get("tracking") or {}).get("MlflowTracker", {}).get("run_id")

@@ -76,10 +76,10 @@ def save_config(cfg: DictConfig, run_dir: Path) -> Path:
         f"# Resume or extend it:  {resume_command(run_dir)} [epoch=N]\n"
         f"# Evaluate it:          python test.py {run_dir}/config.yaml\n"
     )
+    from src.engine.atomic_files import atomic_write
+
     path = run_dir / "config.yaml"
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(header + OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, path)
+    atomic_write(path, header + OmegaConf.to_yaml(cfg, resolve=True))  # a full disk leaves no config.yaml.tmp
     return path
 
 

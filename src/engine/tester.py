@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from src.data.split import transforms_for
 from src.engine import distributed as dist_utils
+from src.engine.atomic_files import write_folder
 from src.engine.build import build_split, num_classes_of, require_num_classes
 from src.engine.checkpoint import describe_mismatch, load_checkpoint
 from src.engine.distributed import DistContext
@@ -78,36 +79,40 @@ def run_test(
     if ctx.is_main:
         run_name = run_dir.name if out is None else str(path)
         out = out or run_dir / "test"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        files = {"metrics.json": (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode()}
         if report:
-            (out / "classification_report.txt").write_text(report + "\n")
-        figure = None
+            files["classification_report.txt"] = (report + "\n").encode()
         if confusion is not None:
             accuracy = metrics.get("test_accuracy")
             title = f"{run_name}: test split" + (f", accuracy {accuracy:.4f}" if accuracy is not None else "")
-            figure = confusion_figure(confusion, classes, title)
-            figure.savefig(out / "confusion_matrix.png", dpi=100)  # laid out tight already: one draw
-            shares = confusion_figure(confusion, classes, title + " (rows normalised)", normalize=True)
-            shares.savefig(out / "confusion_matrix_normalized.png", dpi=100)
-            import matplotlib.pyplot as plt
-
-            plt.close(shares)
+            files["confusion_matrix.png"] = png(confusion_figure(confusion, classes, title))
+            files["confusion_matrix_normalized.png"] = png(
+                confusion_figure(confusion, classes, title + " (rows normalised)", normalize=True)
+            )
         if gathered is not None:
-            write_predictions(out / "predictions.csv", gathered)
+            files["predictions.csv"] = predictions_csv(gathered).encode()
+        write_folder(out, files)  # all of test/ or none of it: a full disk leaves no half-written folder
         log.info("test (%s): %s", path.name, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if trackers is not None:
             step = int(state.get("progress", {}).get("global_step", 0))
             trackers.log_metrics(metrics, step=step, epoch=int(state.get("progress", {}).get("epoch", 0)))
             trackers.log_artifact(out)  # the whole folder, as test/ beside config.yaml
-            if figure is not None:
-                trackers.log_image("confusion_matrix", (out / "confusion_matrix.png").read_bytes(), step=step)
+            if "confusion_matrix.png" in files:
+                trackers.log_image("confusion_matrix", files["confusion_matrix.png"], step=step)
             trackers.commit()
-        if figure is not None:
-            import matplotlib.pyplot as plt
-
-            plt.close(figure)
     return metrics
+
+
+def png(figure: Any) -> bytes:
+    """A figure as PNG bytes (laid out tight already: one draw), and the figure closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()
 
 
 def confusion_figure(
@@ -159,7 +164,7 @@ def confusion_figure(
     return fig
 
 
-def write_predictions(path: Path, gathered: list[list]) -> None:
+def predictions_csv(gathered: list[list]) -> str:
     rows = ["rank,index,target,prediction"]
     for rank, batches in enumerate(gathered):
         index = 0
@@ -170,4 +175,4 @@ def write_predictions(path: Path, gathered: list[list]) -> None:
             for t, p in zip(targets.tolist(), preds.tolist(), strict=False):
                 rows.append(f"{rank},{index},{t},{p}")
                 index += 1
-    path.write_text("\n".join(rows) + "\n")
+    return "\n".join(rows) + "\n"

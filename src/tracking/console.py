@@ -69,6 +69,25 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
+class _LogFile(logging.FileHandler):
+    """train.log; on a full disk it says so once on stderr instead of a traceback per log line."""
+
+    full = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        import errno
+
+        err = sys.exc_info()[1]
+        if not isinstance(err, OSError) or err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            super().handleError(record)
+        elif not self.full:
+            self.full = True
+            print(
+                f"warning: {self.baseFilename}: {err.strerror}; log lines go to the console only",
+                file=sys.stderr,
+            )
+
+
 def setup_logging(log_file: Path | None, rank: int, debug: bool = False) -> logging.Logger:
     """Configure (or reconfigure) the "template" logger for this process.
 
@@ -98,7 +117,7 @@ def setup_logging(log_file: Path | None, rank: int, debug: bool = False) -> logg
     logger.addHandler(console)
     if rank == 0 and log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        file = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        file = _LogFile(log_file, mode="a", encoding="utf-8")
         file.setFormatter(formatter)
         logger.addHandler(file)
     return logger

@@ -45,8 +45,11 @@ def make_splits(
     raw = Path(raw)
     if folds < 2:
         raise ConfigError(f"--folds must be at least 2, got {folds}")
-    if not 0.0 <= test_fraction < 1.0:
-        raise ConfigError(f"--test-fraction must be in [0, 1), got {test_fraction}")
+    if not 0.0 < test_fraction < 1.0:  # 0 would leave every fold's final test with an empty list
+        raise ConfigError(
+            f"--test-fraction must be above 0 and below 1, got {test_fraction}: every fold is tested on the "
+            "held-out images; keep some, e.g. --test-fraction 0.15"
+        )
     classes = list_images(raw)
     splits = raw.parent / "splits"
     if splits.exists() and not force:
@@ -71,6 +74,12 @@ def make_splits(
         for item in files[n_test:]:
             val[deal % folds].append(item)
             deal += 1
+    if not test:
+        smallest = min(len(files) for files in classes.values())
+        raise ConfigError(
+            f"--test-fraction {test_fraction} of {raw} rounds to no test image (the smallest class has "
+            f"{smallest}); raise it to at least {1 / smallest:.2g}, since every fold is tested on the held-out images"
+        )
     tmp = splits.with_name(f".splits.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
