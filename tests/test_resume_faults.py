@@ -50,7 +50,8 @@ def finished(tmp_path_factory) -> Path:
 def copy_run(run: Path, tmp_path: Path) -> Path:
     """A copy of the run elsewhere: its config.yaml resumes the copy (the folder counts, not the value)."""
     target = tmp_path / "copy" / run.name
-    shutil.copytree(run, target)
+    target.parent.mkdir(parents=True)
+    subprocess.run(["cp", "-a", str(run), str(target)], check=True)  # -a: hard links stay links
     return target
 
 
@@ -158,7 +159,13 @@ def test_truncating_last_pth_in_place_leaves_a_resumable_second_file(tmp_path, f
     folder = run / "checkpoints"
     inodes = {p.name: p.stat().st_ino for p in folder.glob("*.pth")}
     assert len(set(inodes.values())) == len(inodes) == 3, inodes  # last, previous, best: three files
+    best = torch.load(folder / "best.pth", weights_only=True)
+    assert best["progress"]["global_step"] == 8  # best.pth holds the same state as last.pth
     subprocess.run(["truncate", "-s", "1000", str(folder / "last.pth")], check=True)
+    assert torch.equal(  # damaging last.pth in place left best.pth whole
+        torch.load(folder / "best.pth", weights_only=True)["model"]["classifier.1.weight"],
+        best["model"]["classifier.1.weight"],
+    )
     proc = run_script("train.py", str(run / "config.yaml"), "epoch=3", "logging.progress_bar=false")
     assert proc.returncode == 0, explain(proc)
     log = proc.stdout + proc.stderr
@@ -256,3 +263,45 @@ def test_a_garbage_line_in_metrics_jsonl_is_dropped_with_a_warning(tmp_path, fin
     # the checkpoint counted 3 lines (the test's line came after it): the 2 good ones are kept
     assert old == [json.loads(lines[0]), json.loads(lines[2])]
     assert any(e["epoch"] == 3 for e in events)
+
+
+# A model whose third training forward pass yields a finite loss but NaN gradients:
+# d/dw sqrt(|w - w|) is infinite at 0, and 0 * inf is NaN.
+NAN_GRAD = """
+import torch
+
+from src.models.small import MLP
+from src.registry import MODEL_REGISTRY
+
+
+@MODEL_REGISTRY.register()
+class NanGradMLP(MLP):
+    calls = 0
+
+    def forward(self, x):
+        out = super().forward(x)
+        if self.training:
+            NanGradMLP.calls += 1
+            if NanGradMLP.calls == 3:
+                w = self.net[-1].weight
+                out = out + 0.0 * torch.sqrt((w - w.detach()).abs()).sum()
+        return out
+"""
+
+
+def test_skip_policy_skips_a_step_whose_gradients_are_nan_though_its_loss_is_finite(tmp_path):
+    from tests.helpers import user_module_config
+
+    config, env = user_module_config(tmp_path, "nan_grad", NAN_GRAD, f"""\
+        __base__: {DUMMY}
+        imports: [nan_grad]
+        model: {{name: NanGradMLP, in_features: 768}}
+        training: {{nan_policy: skip}}
+        """)  # fmt: skip
+    proc = run_script("train.py", str(config), f"output={tmp_path / 'out'}", *QUIET, env=env)
+    assert proc.returncode == 0, explain(proc)
+    assert "non-finite gradient at epoch 1 step 2: step skipped" in proc.stderr, proc.stderr[-3000:]
+    run = only_run_dir(tmp_path / "out")
+    state = torch.load(run / "checkpoints" / "last.pth", weights_only=True)
+    assert state["progress"]["global_step"] == 7  # 8 windows, one skipped
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
