@@ -80,7 +80,7 @@ def _no_room(err: BaseException | None) -> OSError | None:
 def describe_no_room(err: OSError, names: list[Path], state: dict[str, Any]) -> str:
     """Which file, the space it needs against the space free, and the checkpoint that is still good."""
     folder = names[0].parent
-    needed = _tensor_bytes(state)
+    needed = _tensor_bytes(state) * (2 if len(names) > 1 else 1)  # the file, and the copy for its other names
     try:
         free = f"{shutil.disk_usage(folder).free / 2**20:.2f} MB free"
     except OSError:
@@ -88,7 +88,7 @@ def describe_no_room(err: OSError, names: list[Path], state: dict[str, Any]) -> 
     good = [folder / n for n in ("last.pth", "previous.pth") if (folder / n).is_file()]
     kept = f"the last good checkpoint is {good[0]}" if good else "no checkpoint had been saved yet"
     return (
-        f"cannot save checkpoint {', '.join(n.name for n in names)} in {folder}: {_NO_ROOM[err.errno]} (it needs about {needed / 2**20:.2f} MB, {free}); "
+        f"cannot save checkpoint {', '.join(sorted(n.name for n in names))} in {folder}: {_NO_ROOM[err.errno]} (it needs about {needed / 2**20:.2f} MB, {free}); "
         f"{kept}; free some space"
     )
 
