@@ -95,15 +95,6 @@ def test_a_users_config_with_run_dir_is_never_overwritten(tmp_path, finished):
     assert new_run.name.endswith("_reuse") and (new_run / "checkpoints" / "last.pth").is_file()
 
 
-def test_a_saved_config_still_resumes_even_when_the_run_was_moved(tmp_path, finished):
-    run = copy_run(finished, tmp_path)
-    proc = run_script("train.py", str(run / "config.yaml"), "epoch=3", "logging.progress_bar=false")
-    assert proc.returncode == 0, explain(proc)
-    assert torch.load(run / "checkpoints" / "last.pth", weights_only=True)["progress"]["epoch"] == 3
-    assert f"run_dir: {run}" in (run / "config.yaml").read_text()
-    assert finished.joinpath("checkpoints", "last.pth").stat().st_size > 0  # the original is untouched
-
-
 # ---------------------------------------------------------------------- 4. nothing to resume from
 @pytest.mark.parametrize("damage", ["deleted", "corrupt"])
 def test_a_resume_without_a_loadable_checkpoint_is_refused_and_touches_nothing(tmp_path, finished, damage):
@@ -174,6 +165,7 @@ def test_truncating_last_pth_in_place_leaves_a_resumable_second_file(tmp_path, f
         -3000:
     ]
     assert torch.load(folder / "last.pth", weights_only=True)["progress"]["epoch"] == 3
+    assert f"run_dir: {run}\n" in (run / "config.yaml").read_text()  # a copied run resumes where it now is
 
 
 def fill(folder: Path, leave: int) -> None:
@@ -305,3 +297,19 @@ def test_skip_policy_skips_a_step_whose_gradients_are_nan_though_its_loss_is_fin
     state = torch.load(run / "checkpoints" / "last.pth", weights_only=True)
     assert state["progress"]["global_step"] == 7  # 8 windows, one skipped
     assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+@pytest.mark.slow
+def test_a_sweep_rerun_restarts_a_point_cut_before_its_first_checkpoint(tmp_path):
+    """The refusal above must not strand a workflow: its re-run restarts such a point, history set aside."""
+    out = tmp_path / "out"
+    settings = ["config/dummy.yaml", "optimizer.lr=1e-3,2e-3", f"output={out}", *QUIET, "epoch=1"]
+    proc = run_script("script/sweep.py", *settings)
+    assert proc.returncode == 0, explain(proc)
+    cut = next(p.parent for p in out.glob("*/*_lr2e-3/config.yaml"))
+    shutil.rmtree(cut / "checkpoints")  # as if cut during its first epoch, before any save
+    (cut / "summary.txt").unlink()
+    again = run_script("script/sweep.py", *settings)
+    assert again.returncode == 0, explain(again)
+    assert "point 1: resuming" in again.stdout and (cut / "summary.txt").is_file()
+    assert [p.name.startswith("restarted_") for p in cut.iterdir()].count(True) == 1

@@ -235,8 +235,10 @@ def _set_history_aside(run_dir: Path, cfg: DictConfig) -> Path:
             break
         aside = run_dir / f"restarted_{stamp}_{i}"
     aside.mkdir()
-    tensorboard = Path(str(cfg.logging.log_dir)).parts[0]  # inside the run directory
-    names = ("metrics.jsonl", "train.log", "summary.txt", "test", "checkpoints", tensorboard)
+    log_dir = Path(str(cfg.logging.log_dir))
+    # TensorBoard's folder, when it is inside the run directory
+    tensorboard = () if log_dir.is_absolute() or not log_dir.parts else (log_dir.parts[0],)
+    names = ("metrics.jsonl", "train.log", "summary.txt", "test", "checkpoints", *tensorboard)
     moved = [name for name in names if (run_dir / name).exists()]
     for name in moved:
         (run_dir / name).rename(aside / name)
