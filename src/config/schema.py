@@ -169,7 +169,7 @@ class RootConfig:
     debug: bool = False
     batch: int = 32  # per process
     epoch: int = 10
-    run_dir: str = ""  # written into a run's own config.yaml (running it resumes in place); never set by users
+    run_dir: str = ""  # written into a run's own config.yaml (running it resumes it); never set it
     model: dict[str, Any] = field(default_factory=lambda: {"name": "SimpleCNN"})
     dataset: dict[str, Any] = field(default_factory=lambda: {"name": "SyntheticClassification"})
     transform: dict[str, Any] = field(default_factory=lambda: {"train": [], "val": [], "test": None})
