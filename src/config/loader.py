@@ -57,7 +57,8 @@ def load_config_with_sources(
     path = Path(path)
     merged: dict[str, Any] = dataclasses.asdict(RootConfig())
     sources = {key: "default" for key in _leaves(merged)}
-    layers = [*_file_layers(path, ()), (parse_overrides(overrides), CLI)]
+    files = _file_layers(path, ())
+    layers = [*files, (check_run_dir(parse_overrides(overrides), path, files), CLI)]
     for layer, origin in layers:
         layer = _normalise(layer, origin)
         check_keys(layer, origin)
@@ -108,6 +109,36 @@ def _check_interpolations(merged: dict[str, Any], sources: dict[str, str]) -> No
             f"cannot resolve '{key}' (from {sources.get(key, 'default')}): {reason}; "
             "fix the ${...} interpolation, or quote a literal '$' as '\\${'"
         ) from None
+
+
+def check_run_dir(cli: dict[str, Any], path: Path, files: list[tuple[dict[str, Any], str]]) -> dict[str, Any]:
+    """`run_dir` marks a run's own saved config.yaml: running that file resumes the run in place.
+
+    Set anywhere else it would turn a folder of the user's (and the user's own config file) into a
+    result directory, so it counts only in the one file run, when that file has no `__base__`
+    (a saved config is self-contained) and sits in a result directory; a `__base__` (say, another
+    run's config.yaml reused as a starting point) lends its settings, never its location.
+    Returns `cli`, checked.
+    """
+    resume = "resume a run with python train.py <run>/config.yaml, or start a new one elsewhere with output=<folder>"
+    if "run_dir" in cli:
+        raise ConfigError(f"run_dir cannot be set on the command line: the template writes it into a run's own "
+                          f"config.yaml; {resume}")  # fmt: skip
+    for layer, _ in files[:-1]:
+        layer.pop("run_dir", None)
+    top = files[-1][0]
+    if top.get("run_dir") and (len(files) > 1 or not is_result_dir(path.parent)):
+        raise ConfigError(
+            f"{path} sets run_dir, but only a run's own config.yaml in its result directory may (this folder has "
+            f"no train.log, metrics.jsonl or checkpoints/); delete the run_dir line to start a new run from this "
+            f"file, or {resume}"
+        )
+    return cli
+
+
+def is_result_dir(folder: Path) -> bool:
+    """Whether `folder` holds a run's files: a train.log, a metrics.jsonl or a checkpoints/ folder."""
+    return any((folder / name).exists() for name in ("train.log", "metrics.jsonl", "checkpoints"))
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:

@@ -88,6 +88,7 @@ class CheckpointConfig:
     resume_from: str | None = None
     weights_only_resume: bool = False
     allow_config_change: bool = False
+    allow_restart: bool = False  # resume with no loadable checkpoint: start over, the old history moved aside
 
 
 @dataclass
@@ -169,7 +170,7 @@ class RootConfig:
     debug: bool = False
     batch: int = 32  # per process
     epoch: int = 10
-    run_dir: str = ""  # written into a result's config.yaml: running that file resumes in place
+    run_dir: str = ""  # written into a run's own config.yaml (running it resumes it); never set it
     model: dict[str, Any] = field(default_factory=lambda: {"name": "SimpleCNN"})
     dataset: dict[str, Any] = field(default_factory=lambda: {"name": "SyntheticClassification"})
     transform: dict[str, Any] = field(default_factory=lambda: {"train": [], "val": [], "test": None})

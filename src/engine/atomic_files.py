@@ -1,15 +1,20 @@
-"""Atomic checkpoint files: write once, fsync, publish every name with one rename each.
+"""Atomic checkpoint files: write, fsync, then publish every name with one rename each.
 
-A save writes the state once to a temporary file, fsyncs it, then gives it its names (last.pth,
-best.pth, ...) as hard links renamed into place, so every name is either the old complete file or
-the new complete file, never a torn one; best.pth equal to last.pth is a link, not a second write.
-A full disk is one clear error (NoRoomError) with the temporary file removed.
+A save writes the state to a temporary file, fsyncs it, and renames it to its first name
+(last.pth). Its other names (best.pth, a top-k or periodic file) share one fsynced copy, a second
+file, so that damage to one file in place (a truncation, a bad block) never takes the only other
+resumable state with it; the copy is made only at saves that have such names. Every name is
+either the old complete file or the new one, never a torn one. The file being replaced can be kept
+under another name (previous.pth), and only once the new state is on disk, so a failed save
+leaves every name as it was. A full disk is one clear error (NoRoomError), the temporary files
+removed.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,27 +23,39 @@ import torch
 from src.errors import RunError
 
 
-def atomic_save(state: dict[str, Any], names: list[Path]) -> None:
-    """Write `state` once and publish it under every path in `names` atomically."""
+def atomic_save(state: dict[str, Any], names: list[Path], previous: Path | None = None) -> None:
+    """Write `state` and publish it under every path in `names` atomically: `names[0]` is the written
+    file, the others one copy of it. `previous`: keep the file `names[0]` replaces under this name."""
     if not names:
         return
-    folder = names[0].parent
+    first, *others = names
+    folder = first.parent
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".tmp-{os.getpid()}.pth"
+    copy = folder / f".tmp-{os.getpid()}-copy.pth"
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        if others:
+            shutil.copyfile(tmp, copy)
+            with open(copy, "rb+") as f:
+                os.fsync(f.fileno())
     except (OSError, RuntimeError) as err:  # torch reports a failed write as RuntimeError("unexpected pos")
+        tmp.unlink(missing_ok=True)  # a partial file would keep taking the space
+        copy.unlink(missing_ok=True)
         cause = _no_room(err)
         if cause is None:
             raise
-        tmp.unlink(missing_ok=True)  # the partial file would keep taking the space
         raise NoRoomError(describe_no_room(cause, names, state)) from None
-    for name in names:
-        publish(tmp, name)
-    tmp.unlink()
+    # The new state is on disk: only now does the file it replaces become `previous`.
+    if previous is not None and first.exists():
+        publish(first, previous)
+    os.replace(tmp, first)
+    for name in others:
+        publish(copy, name)
+    copy.unlink(missing_ok=True)
     _fsync_dir(folder)
 
 
@@ -62,10 +79,8 @@ def _no_room(err: BaseException | None) -> OSError | None:
 
 def describe_no_room(err: OSError, names: list[Path], state: dict[str, Any]) -> str:
     """Which file, the space it needs against the space free, and the checkpoint that is still good."""
-    import shutil
-
     folder = names[0].parent
-    needed = _tensor_bytes(state)
+    needed = _tensor_bytes(state) * (2 if len(names) > 1 else 1)  # the file, and the copy for its other names
     try:
         free = f"{shutil.disk_usage(folder).free / 2**20:.2f} MB free"
     except OSError:
@@ -73,7 +88,7 @@ def describe_no_room(err: OSError, names: list[Path], state: dict[str, Any]) -> 
     good = [folder / n for n in ("last.pth", "previous.pth") if (folder / n).is_file()]
     kept = f"the last good checkpoint is {good[0]}" if good else "no checkpoint had been saved yet"
     return (
-        f"cannot save checkpoint {', '.join(n.name for n in names)} in {folder}: {_NO_ROOM[err.errno]} (it needs about {needed / 2**20:.2f} MB, {free}); "
+        f"cannot save checkpoint {', '.join(sorted(n.name for n in names))} in {folder}: {_NO_ROOM[err.errno]} (it needs about {needed / 2**20:.2f} MB, {free}); "
         f"{kept}; free some space"
     )
 
@@ -96,8 +111,6 @@ def publish(source: Path, name: Path) -> None:
     try:
         os.link(source, staged)
     except OSError:  # file systems without hard links: copy
-        import shutil
-
         shutil.copyfile(source, staged)
     os.replace(staged, name)
 

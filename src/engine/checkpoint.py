@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig
 
 from src.engine import distributed as dist_utils
-from src.engine.atomic_files import NoRoomError, atomic_save, publish
+from src.engine.atomic_files import NoRoomError, atomic_save
 from src.engine.checkpoint_writer import CheckpointWriter
 from src.engine.rng import capture_rng, restore_rng
 from src.engine.run_dir import resume_command
@@ -82,7 +82,7 @@ class Checkpointer:
         if freq and (epoch + 1) % freq == 0:
             names.append(f"epoch_{epoch + 1:04d}.pth")
         value = metrics.get(str(cfg.monitor))
-        if value is None:
+        if value is None or not math.isfinite(value):  # a NaN metric is never best, nor in the top k
             return names
         if improved(value, st.best_value, cfg.mode):
             st.best_value, st.best_epoch = value, epoch + 1
@@ -107,6 +107,8 @@ class Checkpointer:
         ctx, st = self.ctx, self.progress
         if not math.isfinite(st.window_loss_sum):  # weights a NaN touched never replace last.pth
             raise self.non_finite(st.window_loss_sum)
+        if not self.weights_finite():  # nor weights that went NaN/inf on a step whose loss was finite
+            raise self.non_finite_weights()
         self.wait()  # the previous write is published and committed before the trackers' state is read
         with evaluation_weights(self.optimizer) as kept:  # schedule-free: save the evaluation weights
             rng = dist_utils.all_gather_object(capture_rng())
@@ -195,12 +197,34 @@ class Checkpointer:
             f"{kept}; lower optimizer.lr, set training.gradient_clip_norm, or training.nan_policy=skip"
         )
 
+    def weights_finite(self) -> bool:
+        """Whether every weight and float buffer is finite on every rank: one reduction and one sync, at a
+        save or a skipped step only (a pass over the weights per step would slow the loop)."""
+        tensors = [*self.raw_model.parameters(), *self.raw_model.buffers()]
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # FSDP: this rank's shard
+        local = [t.detach() for t in local if t.is_floating_point() and t.numel()]
+        finite = not local or bool(torch.isfinite(torch.nn.utils.get_total_norm(local, norm_type=math.inf)))
+        return not dist_utils.any_rank(not finite, self.ctx.device)
+
+    def non_finite_weights(self) -> RunError:
+        """The error for weights that are NaN/inf: no policy can train on, so the run stops, saving nothing."""
+        kept = (
+            f"the last good checkpoint is kept in {self.ckpt_dir}"
+            if (self.ckpt_dir / "last.pth").exists()
+            else "no checkpoint had been saved yet"
+        )
+        return RunError(
+            f"the model's weights became non-finite (NaN/inf) by epoch {self.progress.epoch + 1}, step "
+            f"{self.progress.global_step}, so the run cannot train on (training.nan_policy=skip cannot undo it); "
+            f"{kept}; lower optimizer.lr or set training.gradient_clip_norm"
+        )
+
     def _write_files(self, state: dict[str, Any], paths: list[Path]) -> None:
-        """On the writer thread: keep the last.pth being replaced as previous.pth, then write atomically."""
+        """On the writer thread: write atomically, last.pth its own file and the other names one copy of
+        it; the last.pth replaced becomes previous.pth once the new one is on disk."""
         last = self.ckpt_dir / "last.pth"
-        if last in paths and last.exists():  # keep the one before; last.pth itself never disappears
-            publish(last, self.ckpt_dir / "previous.pth")
-        atomic_save(state, paths)
+        ordered = sorted(paths, key=lambda p: p != last)  # last.pth first: the written file itself
+        atomic_save(state, ordered, previous=self.ckpt_dir / "previous.pth" if last in paths else None)
 
     def _published(
         self, paths: list[Path], reason: str, keep_top: set[str], live_dcp: set[str] | None
@@ -422,13 +446,19 @@ def load_pretrained_weights(model: torch.nn.Module, path: str | Path) -> None:
     )
 
 
-def find_resume_state(run_dir: Path, tidy: bool = False) -> dict[str, Any] | None:
-    """The newest checkpoint that loads; `tidy` (the resuming writer only) first drops unfinished writes."""
-    if tidy and (run_dir / "checkpoints").is_dir():
-        remove_partial_writes(run_dir / "checkpoints")
-    found = newest_valid_checkpoint(run_dir / "checkpoints")
+def find_resume_state(
+    run_dir: Path, tidy: bool = False, problems: list[str] | None = None
+) -> dict[str, Any] | None:
+    """The newest checkpoint that loads; `tidy` (the resuming writer only) then drops unfinished writes.
+
+    `problems`: collects why each checkpoint did not load instead of logging it, for a caller that
+    refuses to go on when none loads (see `newest_valid_checkpoint`).
+    """
+    found = newest_valid_checkpoint(run_dir / "checkpoints", problems)
     if found is None:
         return None
+    if tidy:
+        remove_partial_writes(run_dir / "checkpoints")
     path, state = found
     if path.name != "last.pth":
         log.warning("resuming from %s (last.pth is missing or damaged)", path.name)
@@ -475,21 +505,36 @@ def remove_partial_writes(folder: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def newest_valid_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The most recent checkpoint in `folder` that loads; damaged newer ones are skipped with a warning."""
+def newest_valid_checkpoint(
+    folder: Path, problems: list[str] | None = None
+) -> tuple[Path, dict[str, Any]] | None:
+    """The most recent checkpoint in `folder` that loads; damaged newer ones are skipped with a warning.
+
+    `problems`: given, the warnings wait until one loads (and go into the list either way), so a
+    caller that refuses a folder where none loads says it in its one line.
+    """
     if not folder.is_dir():
         return None
     files = [p for p in folder.glob("*.pth") if not p.name.startswith(".")]
     order = {"last.pth": 0, "previous.pth": 1}
     files.sort(key=lambda p: (-_progress_key(p), order.get(p.name, 2), p.name))
+    failed: list[str] = []
     for path in files:
         try:
             state = load_checkpoint(path)
         except RunError as err:
-            log.warning("%s; trying an older checkpoint", err)
+            failed.append(str(err))
+            if problems is None:
+                log.warning("%s; trying an older checkpoint", err)
             continue
         if "progress" in state:
+            if problems is not None:
+                for text in failed:
+                    log.warning("%s; trying an older checkpoint", text)
             return path, state
+        failed.append(f"{path} holds weights only")
+    if problems is not None:
+        problems.extend(failed)
     return None
 
 

@@ -114,8 +114,7 @@ def train_main(config_path: str | Path, overrides: list[str], cfg: DictConfig | 
         if trainer.trackers is not None:
             _finish_trackers(trainer.trackers, status, run_dir)
         if status == "FAILED":
-            log.error("the run FAILED; checkpoints kept in %s; after a fix, resume with: %s",
-                      run_dir / "checkpoints", resume_command(run_dir))  # fmt: skip
+            _say_failed(run_dir)
         dist_utils.cleanup()
 
 
@@ -189,13 +188,14 @@ def _plan(
                 "checkpoint.resume_from=<checkpoint> checkpoint.weights_only_resume=true",
                 ", ".join(kept),
             )
-        state = find_resume_state(run_dir, tidy=ctx.is_main)
-        if state is None and cfg.checkpoint.resume_from:
-            state = _state_to_continue(cfg)
-        elif state is None:
-            log.warning(
-                "no valid checkpoint in %s: training starts from the beginning", run_dir / "checkpoints"
-            )
+        problems: list[str] = []
+        state = find_resume_state(run_dir, tidy=ctx.is_main, problems=problems)
+        if state is None:
+            if not cfg.checkpoint.allow_restart:
+                raise ConfigError(_no_checkpoint(run_dir, problems))
+            if ctx.is_main:
+                _set_history_aside(run_dir, cfg)
+            state = _state_to_continue(cfg) if cfg.checkpoint.resume_from else None
         _check_world_size(state, ctx, cfg)
         _forget_other_metric(state, [key for key, _, _ in changes])
         if state is not None and "progress" in state:  # written before `planned_epochs` was saved
@@ -232,6 +232,56 @@ def _remove_new_dir(run_dir: Path) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
     if run_dir.parent.is_dir() and not any(run_dir.parent.iterdir()):
         run_dir.parent.rmdir()
+
+
+def _no_checkpoint(run_dir: Path, problems: list[str]) -> str:
+    """The refusal of a resume that has nothing to resume from: what was found, and the two ways on."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        found = f"{folder} does not exist"
+    elif not problems:
+        found = f"{folder} holds no checkpoint"
+    else:
+        found = f"none of the {len(problems)} checkpoint(s) in {folder} loads ({problems[0]})"
+    return (
+        f"cannot resume {run_dir}: {found}, so it would train again from step 0; start a fresh run from your "
+        f"experiment config (python train.py <experiment>.yaml), or restart this directory from step 0 with "
+        f"{resume_command(run_dir)} checkpoint.allow_restart=true (its metrics.jsonl, train.log, test/ and "
+        f"checkpoints/ are moved into {run_dir}/restarted_<time>/ first)"
+    )
+
+
+def _set_history_aside(run_dir: Path, cfg: DictConfig) -> Path:
+    """checkpoint.allow_restart: move what the lost attempt left into restarted_<time>/, then start over."""
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    aside = run_dir / f"restarted_{stamp}"
+    for i in range(1, 1000):
+        if not aside.exists():
+            break
+        aside = run_dir / f"restarted_{stamp}_{i}"
+    aside.mkdir()
+    log_dir = Path(str(cfg.logging.log_dir))
+    # TensorBoard's folder, when it is inside the run directory
+    tensorboard = () if log_dir.is_absolute() or not log_dir.parts else (log_dir.parts[0],)
+    names = ("metrics.jsonl", "train.log", "summary.txt", "test", "checkpoints", *tensorboard)
+    moved = [name for name in names if (run_dir / name).exists()]
+    for name in moved:
+        (run_dir / name).rename(aside / name)
+    log.warning("checkpoint.allow_restart=true: %s has no checkpoint that loads; %s moved to %s; training "
+                "starts again from step 0", run_dir, ", ".join(moved) or "nothing", aside)  # fmt: skip
+    return aside
+
+
+def _say_failed(run_dir: Path) -> None:
+    """The closing line of a failed run: where its checkpoints are, or that it has none to resume."""
+    folder = run_dir / "checkpoints"
+    if folder.is_dir() and any(p for p in folder.glob("*.pth") if not p.name.startswith(".")):
+        log.error("the run FAILED; checkpoints kept in %s; after a fix, resume with: %s",
+                  folder, resume_command(run_dir))  # fmt: skip
+    else:
+        log.error("the run FAILED before its first checkpoint, so there is nothing to resume; after a fix, start "
+                  "a fresh run from your experiment config, or again in this directory with: %s "
+                  "checkpoint.allow_restart=true", resume_command(run_dir))  # fmt: skip
 
 
 def _state_to_continue(cfg: DictConfig) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from src.errors import ConfigError
 HARMLESS_ON_RESUME = (
     "epoch", "debug", "logging.", "evaluation.", "profiling.", "checkpoint.save_", "dataloader.num_workers",
     "dataloader.pin_memory", "dataloader.persistent_workers", "dataloader.prefetch_factor",
-    "checkpoint.allow_config_change", "training.early_stopping.",
+    "checkpoint.allow_config_change", "checkpoint.allow_restart", "training.early_stopping.",
     "training.stop_signals", "training.nan_policy", "distributed.timeout_minutes", "distributed.backend",
     "gpu.use", "gpu.device", "run_dir",
 )  # fmt: skip
@@ -69,8 +69,12 @@ def _slug(text: Any) -> str:
 
 
 def save_config(cfg: DictConfig, run_dir: Path) -> Path:
-    """The complete config, with `run_dir` set so that running the file resumes this run."""
-    cfg = OmegaConf.merge(cfg, {"run_dir": str(run_dir)})
+    """The complete config, with `run_dir` set so that running the file resumes this run.
+
+    `checkpoint.allow_restart` is a one-time permission: saved as false, so a later resume that
+    finds no checkpoint asks again.
+    """
+    cfg = OmegaConf.merge(cfg, {"run_dir": str(run_dir), "checkpoint": {"allow_restart": False}})
     header = (
         "# Complete configuration of this run; every default is written out.\n"
         f"# Resume or extend it:  {resume_command(run_dir)} [epoch=N]\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -45,7 +46,12 @@ class TrainState:
 
 
 def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
-    """Is `value` better than `best` (None: nothing yet) by more than `min_delta` in direction `mode`?"""
+    """Is `value` better than `best` (None: nothing yet) by more than `min_delta` in direction `mode`?
+
+    A NaN or infinite value never is: a run whose validation broke down has no "best" there.
+    """
+    if not math.isfinite(value):
+        return False
     if best is None:
         return True
     return value < best - min_delta if mode == "min" else value > best + min_delta

@@ -213,17 +213,17 @@ class Trainer:
 
     def _optimizer_step(self) -> bool:
         """End of an accumulation window: clip, step, EMA, schedule. False: nan_policy=skip dropped it."""
-        optimizer, st = self.optimizer, self.state
+        optimizer = self.optimizer
         # A sync, only with nan_policy=skip; the whole window (every micro-batch) on every rank decides.
         if self.nan_skip and not self.window.step_finite():
-            log.warning("non-finite loss at epoch %d step %d: step skipped", st.epoch + 1, st.global_step)
-            optimizer.zero_grad(set_to_none=True)
-            self.window.end_step(taken=False)
-            return False
-        self.window.end_step(taken=True)
+            return self._skip_step("loss")
         if self.clip > 0:
             self.scaler.unscale_(optimizer)
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        # fp16's GradScaler skips non-finite gradients itself; otherwise skip checks them too.
+        if self.nan_skip and not self.scaler.is_enabled() and not self._grads_finite():
+            return self._skip_step("gradient")
+        self.window.end_step(taken=True)
         self.scaler.step(optimizer)
         self.scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -233,6 +233,25 @@ class Trainer:
         if self.schedule is not None and self.schedule.interval == "step":
             self.schedule.step()
         return True
+
+    def _grads_finite(self) -> bool:
+        """nan_policy=skip: whether this window's gradients are finite on every rank (the clipping norm when
+        there is one, else a max-norm pass over the gradients; a sync per step, as skip's loss check)."""
+        norm = self.grad_norm if self.clip > 0 else torch.nn.utils.get_total_norm(
+            [p.grad for p in self.params if p.grad is not None], norm_type=math.inf
+        )  # fmt: skip
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return not dist_utils.any_rank(not bool(torch.isfinite(norm)), self.ctx.device)
+
+    def _skip_step(self, what: str) -> bool:
+        """nan_policy=skip drops the window's gradients and losses; weights already NaN/inf end the run."""
+        if not self.checkpointer.weights_finite():  # no later step can train them back
+            raise self.checkpointer.non_finite_weights()
+        st = self.state
+        log.warning("non-finite %s at epoch %d step %d: step skipped", what, st.epoch + 1, st.global_step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.window.end_step(taken=False)
+        return False
 
     def _log_and_agree_on_stop(self, bar: Any) -> bool:
         """Log at log steps (the only host-device sync of a step); whether every rank should stop now."""

@@ -51,7 +51,7 @@ class MetricsFile(Tracker):
                 len(complete),
                 keep,
             )
-        kept = complete[:keep]
+        kept = _records_only(self.path, complete[:keep])
         _atomic_write(self.path, b"".join(kept))
         self._lines = len(kept)
         self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
@@ -60,6 +60,23 @@ class MetricsFile(Tracker):
         if not self._file.closed:
             self.commit()
             self._file.close()
+
+
+def _records_only(path: Path, lines: list[bytes]) -> list[bytes]:
+    """`lines` without those that are not a JSON object (a damaged disk block, a stray edit), each named
+    in a warning, so every reader of the file can parse every line it keeps."""
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            kept.append(line)
+        else:
+            text = line.decode("utf-8", "replace").strip()
+            log.warning("%s line %d is not a JSON record and is dropped: %.60r", path, number, text)
+    return kept
 
 
 def _count_lines(path: Path) -> int:

@@ -153,8 +153,8 @@ def run_jobs(jobs: list[Job], gpus: list[str], env: dict[str, str], log_dir: Pat
 
 
 def _start(job: Job, gpu: str | None, env: dict[str, str], log_dir: Path, concurrent: bool) -> tuple:
-    if job.run_dir is not None:
-        args = [str(job.run_dir / "config.yaml")]
+    if job.run_dir is not None:  # a run cut before its first checkpoint starts over, its leftovers set aside
+        args = [str(job.run_dir / "config.yaml"), "checkpoint.allow_restart=true"]
         print(f"{job.name}: resuming {job.run_dir}", flush=True)
     else:
         args = [str(job.extra["config"]), *job.overrides]
