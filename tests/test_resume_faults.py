@@ -15,8 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, TINY, explain, only_run_dir, read_metrics, result_dirs, run_script
-from tests.helpers import small_file_system
+from tests.helpers import (
+    ROOT,
+    TINY,
+    explain,
+    only_run_dir,
+    read_metrics,
+    result_dirs,
+    run_script,
+    small_file_system,
+)
 
 DUMMY = str(ROOT / "config" / "dummy.yaml")
 QUIET = [*TINY, "logging.progress_bar=false"]
