@@ -67,6 +67,9 @@ def main(
     argv: list[str] | None = None,
 ) -> int:
     """train.py's and test.py's whole front: parse, load the config (errors answer before torch loads), run."""
+    from src.engine.signals import watch_launcher
+
+    watch_launcher()  # first: a torchrun worker reads its launcher's pid before that can die
     args = parse(sys.argv[1:] if argv is None else argv, script, doc or "", with_checkpoint=with_checkpoint)
 
     def go() -> int:
