@@ -109,6 +109,8 @@ def train_main(config_path: str | Path, overrides: list[str], cfg: DictConfig | 
         if status == "FAILED":
             log.error("the run FAILED; checkpoints kept in %s; after a fix, resume with: %s",
                       run_dir / "checkpoints", resume_command(run_dir))  # fmt: skip
+        if trainer.checkpointer is not None:
+            trainer.checkpointer.close()
         dist_utils.cleanup()
         if lock is not None:
             lock.release()
