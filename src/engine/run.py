@@ -75,7 +75,8 @@ def train_main(config_path: str | Path, overrides: list[str], cfg: DictConfig | 
     except Stopped:
         status = "KILLED"
         log.warning("stopped by %s during the test; training is complete and saved; test it with: %s (it "
-                    "trains nothing more)", trainer.stop.signal_name, resume_command(run_dir))  # fmt: skip
+                    "trains nothing more)", trainer.stop.signal_name or "another rank's stop request",
+                    resume_command(run_dir))  # fmt: skip
         return trainer.stop.exit_code
     except KeyboardInterrupt:
         status = "KILLED"
