@@ -89,7 +89,8 @@ class StopRequest:
 
     @property
     def exit_code(self) -> int:
-        """128 + the signal number, the shell's convention for 'ended by this signal'."""
+        """128 + the signal number, the shell's convention for 'ended by this signal' (129 when the
+        launcher died, as for SIGHUP)."""
         return self.code or 128 + int(signal.SIGTERM)
 
 
@@ -106,26 +107,23 @@ def watch_launcher(interval: float = 1.0) -> None:
     if "TORCHELASTIC_RUN_ID" not in os.environ:  # not started by a torchrun agent
         return
     parent = os.getppid()  # read as the process starts: the agent, unless it is gone already
-    threading.Thread(
-        target=_watch, args=(parent, interval, _exit), name="launcher-watch", daemon=True
-    ).start()
+    threading.Thread(target=_watch, args=(parent, interval), name="launcher-watch", daemon=True).start()
 
 
-def _watch(parent: int, interval: float, exit_now: Callable[[int], None]) -> None:
+def _watch(parent: int, interval: float) -> None:
     while os.getppid() == parent and parent != 1:
         time.sleep(interval)
     what = f"the torchrun agent (pid {parent}) that started this worker is gone"
     stop = _active
     if not _started:
         log.error("%s: exiting before training started (nothing to save)", what)
-        exit_now(LAUNCHER_GONE_EXIT)
-        return
+        _exit(LAUNCHER_GONE_EXIT)
     if stop is not None:
         stop.request("the launcher's death", LAUNCHER_GONE_EXIT, what)
     time.sleep(LAUNCHER_GONE_GRACE_S)
     log.error("%s, and this worker did not stop within %.0f s: exiting without saving further",
               what, LAUNCHER_GONE_GRACE_S)  # fmt: skip
-    exit_now(LAUNCHER_GONE_EXIT)
+    _exit(LAUNCHER_GONE_EXIT)
 
 
 def _exit(code: int) -> None:
