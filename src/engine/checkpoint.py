@@ -185,6 +185,16 @@ class Checkpointer:
         if not failed:
             dist_utils.barrier()
 
+    def close(self) -> None:
+        """FSDP: destroy the gloo group DCP wrote over and drop it, so its worker threads are joined now,
+        on this thread. Kept alive (the loop's objects are frozen out of the garbage collector), they
+        would run into the interpreter's shutdown, where a thread that touches Python aborts the process."""
+        group, self.shard_group = self.shard_group, None
+        if group is not None and self.ctx.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group(group)
+
     def non_finite(self, loss: float) -> RunError:
         """The error for a loss that became NaN/inf, naming the checkpoint that is still good."""
         kept = (

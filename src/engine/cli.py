@@ -67,6 +67,9 @@ def main(
     argv: list[str] | None = None,
 ) -> int:
     """train.py's and test.py's whole front: parse, load the config (errors answer before torch loads), run."""
+    from src.engine.signals import watch_launcher
+
+    watch_launcher()  # first: a torchrun worker reads its launcher's pid before that can die
     args = parse(sys.argv[1:] if argv is None else argv, script, doc or "", with_checkpoint=with_checkpoint)
 
     def go() -> int:
@@ -74,7 +77,11 @@ def main(
 
         return entry(args, load_config(args.config, args.overrides))
 
-    return run_cli(go, args.traceback)
+    code = run_cli(go, args.traceback)
+    dist_utils = sys.modules.get("src.engine.distributed")  # loaded only if the run got that far
+    if dist_utils is not None and dist_utils.started_process_group:
+        dist_utils.exit_process(code)
+    return code
 
 
 def run_cli(main: Callable[[], int], show_traceback: bool) -> int:

@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -15,6 +15,8 @@ import torch.distributed as dist
 from src.errors import ConfigError
 
 log = logging.getLogger("template")
+
+started_process_group = False  # this process joined a process group: it ends through `exit_process`
 
 
 @dataclass
@@ -128,6 +130,8 @@ def setup(cfg: Any) -> DistContext:
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
         if not dist.is_initialized():
+            global started_process_group
+            started_process_group = True
             timeout = datetime.timedelta(minutes=int(cfg.distributed.timeout_minutes))
             store = restart_safe_store(timeout) if torchrun else None
             dist.init_process_group(
@@ -160,6 +164,27 @@ def restart_safe_store(timeout: datetime.timedelta) -> dist.Store | None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a process that joined a process group, skipping the interpreter's own teardown.
+
+    `destroy_process_group` does not end gloo's worker threads while a group object is still
+    referenced, and FSDP2 keeps the default group referenced (DTensor's and DeviceMesh's caches) to
+    the end. A worker thread that lets go of the last collective's tensors while the interpreter
+    shuts down needs the GIL there and aborts the process ("terminate called without an active
+    exception", exit 1, after a finished run). So, once the run is over, the exit functions run
+    (logs flushed, child processes joined, the run's lock released) and the process ends at once.
+    """
+    import atexit
+    import contextlib
+    import sys
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe: nothing left to say
+            stream.flush()
+    os._exit(code)
 
 
 def free_port() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from src.engine.batch import batch_size, float_outputs, split_batch, take, to_de
 from src.engine.distributed import all_reduce_sum
 from src.engine.loss_parts import add_parts, part_metrics
 from src.engine.precision import Precision
+from src.engine.signals import Stopped
 
 
 @torch.no_grad()
@@ -27,12 +29,13 @@ def evaluate(
     max_batches: int | None = None,
     collect: list | None = None,
     bar: Any = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """`<phase>_loss` and `<phase>_<metric>` over this rank's `num_valid` real samples, summed over ranks.
 
     Every rank runs the same number of batches (the sampler pads), so FSDP's collectives line up;
     the padded duplicates at the end are dropped before they are counted. `bar` (a `Progress`) advances
-    once per batch.
+    once per batch. `stop`, asked before each batch, ends the pass with `Stopped` when it says so.
     """
     was_training = model.training
     model.eval()
@@ -44,6 +47,8 @@ def evaluate(
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
+        if stop is not None and stop():
+            raise Stopped
         if bar is not None:
             bar.update(1)
         inputs, targets = split_batch(batch)

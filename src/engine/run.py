@@ -26,6 +26,8 @@ from src.engine.run_dir import (
     run_dir_of,
     save_config,
 )
+from src.engine.run_lock import RunLock, lock_run_dir
+from src.engine.signals import Stopped
 from src.engine.tester import run_test
 from src.engine.trainer import Trainer
 from src.errors import ConfigError, RunError, TemplateError
@@ -45,7 +47,7 @@ def train_main(config_path: str | Path, overrides: list[str], cfg: DictConfig | 
     prepare_determinism(cfg.gpu)  # before dist setup, which may start CUDA
     ctx = dist_utils.setup(cfg)
     setup_logging(None, ctx.rank, debug=bool(cfg.debug))
-    run_dir, resume, fresh = _plan(cfg, config_path, overrides, ctx)
+    run_dir, resume, fresh, lock = _plan(cfg, config_path, overrides, ctx)  # rank 0 holds the run's lock
     cfg = OmegaConf.merge(cfg, {"run_dir": str(run_dir)})
     if ctx.is_main:
         cfg = resolve_uri(cfg)
@@ -68,8 +70,9 @@ def train_main(config_path: str | Path, overrides: list[str], cfg: DictConfig | 
         if not state.finished:
             status = "KILLED"
             return trainer.stop.exit_code
+        stop = trainer.stop.agreed(ctx.device)  # a stop signal now ends the test: a re-run tests again
         try:
-            metrics = run_test(cfg, ctx, run_dir, checkpoint=None, trackers=trainer.trackers)
+            metrics = run_test(cfg, ctx, run_dir, checkpoint=None, trackers=trainer.trackers, stop=stop)
         except NoRoomError as err:  # training is done and saved: the same command only tests
             raise NoRoomError(f"{err}, then finish the test with: {resume_command(run_dir)}") from None
         status = "FINISHED"
@@ -79,6 +82,12 @@ def train_main(config_path: str | Path, overrides: list[str], cfg: DictConfig | 
         if ctx.is_main:
             _write_summary(cfg, run_dir, trainer, metrics, time.time() - started)
         return 0
+    except Stopped:
+        status = "KILLED"
+        log.warning("stopped by %s during the test; training is complete and saved; test it with: %s (it "
+                    "trains nothing more)", trainer.stop.signal_name or "another rank's stop request",
+                    resume_command(run_dir))  # fmt: skip
+        return trainer.stop.exit_code
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -115,7 +124,11 @@ def train_main(config_path: str | Path, overrides: list[str], cfg: DictConfig | 
             _finish_trackers(trainer.trackers, status, run_dir)
         if status == "FAILED":
             _say_failed(run_dir)
+        if trainer.checkpointer is not None:
+            trainer.checkpointer.close()
         dist_utils.cleanup()
+        if lock is not None:
+            lock.release()
 
 
 def test_main(
@@ -139,6 +152,7 @@ def test_main(
         out = run_dir / f"test_{Path(str(checkpoint)).stem}"
     prepare_determinism(cfg.gpu)
     ctx = dist_utils.setup(cfg)
+    lock = _lock(run_dir, ctx, "testing") if out is None else None  # test/ and train.log are the run's
     log_file = run_dir / "train.log" if ctx.is_main and out is None else None
     setup_logging(log_file, ctx.rank, debug=bool(cfg.debug))
     trackers = None
@@ -152,17 +166,23 @@ def test_main(
         if trackers is not None:
             trackers.finish(None)
         dist_utils.cleanup()
+        if lock is not None:
+            lock.release()
 
 
 # ---------------------------------------------------------------------- where the run lives
 def _plan(
     cfg: DictConfig, config_path: Path, overrides: list[str], ctx: Any
-) -> tuple[Path, dict | None, bool]:
-    """(result directory, checkpoint state to resume from or None, whether the directory is new)."""
+) -> tuple[Path, dict | None, bool, RunLock | None]:
+    """(result directory, checkpoint state to resume from or None, whether the directory is new, its lock).
+
+    The directory is locked (rank 0) before anything in it is read for the resume or changed.
+    """
     marker = elastic_marker(cfg)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     if cfg.run_dir:  # python train.py result/.../config.yaml: resume in place
         run_dir = run_dir_of(config_path)
+        lock = _lock(run_dir, ctx, "training")
         saved = load_config(config_path)
         if any(o.split("=", 1)[0].strip() == "checkpoint.resume_from" for o in overrides):
             raise ConfigError(
@@ -200,7 +220,7 @@ def _plan(
         _forget_other_metric(state, [key for key, _, _ in changes])
         if state is not None and "progress" in state:  # written before `planned_epochs` was saved
             state["progress"].setdefault("planned_epochs", int(saved.epoch))
-        return run_dir, state, False
+        return run_dir, state, False, lock
     if restarted:  # torchrun restarted a failed worker group: rank 0's marker names the run to resume
         found = (
             marker.read_text().strip() if ctx.is_main and marker is not None and marker.is_file() else None
@@ -211,11 +231,13 @@ def _plan(
             log.warning(
                 "torchrun restart %s: resuming %s", os.environ.get("TORCHELASTIC_RESTART_COUNT"), run_dir
             )
-            return run_dir, find_resume_state(run_dir, tidy=ctx.is_main), False
+            lock = _lock(run_dir, ctx, "training")
+            return run_dir, find_resume_state(run_dir, tidy=ctx.is_main), False, lock
     # A bad resume_from file fails before any directory exists.
     warm = _state_to_continue(cfg) if cfg.checkpoint.resume_from else None
     run_dir = new_run_dir(cfg) if ctx.is_main else None
     run_dir = Path(dist_utils.broadcast_object(str(run_dir) if run_dir else None))
+    lock = _lock(run_dir, ctx, "training")
     if ctx.local_rank == 0 and marker is not None:  # one per node: the agent key differs between nodes
         marker.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -224,7 +246,21 @@ def _plan(
             if ctx.is_main:
                 _remove_new_dir(run_dir)
             raise NoRoomError(f"{err}, then run the same command again") from None
-    return run_dir, warm, True
+    return run_dir, warm, True, lock
+
+
+def _lock(run_dir: Path, ctx: Any, action: str) -> RunLock | None:
+    """Rank 0 locks the result directory; every rank raises its refusal, so the whole job exits 2."""
+    lock, refusal = None, None
+    if ctx.is_main:
+        try:
+            lock = lock_run_dir(run_dir, action)
+        except ConfigError as err:
+            refusal = str(err)
+    refusal = dist_utils.broadcast_object(refusal)
+    if refusal:
+        raise ConfigError(refusal)
+    return lock
 
 
 def _remove_new_dir(run_dir: Path) -> None:

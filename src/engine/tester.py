@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,13 @@ def run_test(
     checkpoint: Path | None,
     trackers: Any,
     out: Path | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
-    """Test `checkpoint` (default: the run's best) and write the results to `out` (default: <run>/test)."""
+    """Test `checkpoint` (default: the run's best) and write the results to `out` (default: <run>/test).
+
+    `stop` (train.py's final test): asked before each batch; a stop request raises `Stopped` and
+    nothing is written.
+    """
     path = checkpoint or pick_checkpoint(run_dir)
     state = load_checkpoint(path)
     precision = resolve_precision(cfg.gpu, ctx.device)
@@ -68,9 +74,11 @@ def run_test(
     model.to(ctx.device)
     evaluator = build_evaluator(cfg, num_classes)
     collected: list | None = [] if cfg.evaluation.save_predictions else None
+    log.info("testing %s on the test split (%d samples)", path.name, len(split.dataset))
     metrics = evaluate(
         model, split.loader, split.sampler.num_valid, build_loss(cfg), evaluator, precision, ctx.device, "test",
         bool(cfg.model.get("channels_last", False)), max_batches=1 if cfg.debug else None, collect=collected,
+        stop=stop,
     )  # fmt: skip
     confusion = evaluator.confusion_matrix() if hasattr(evaluator, "confusion_matrix") else None
     classes = list(getattr(split.dataset, "classes", []) or [])
