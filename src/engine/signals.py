@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 from collections.abc import Iterable
 
 log = logging.getLogger("template")
@@ -17,6 +18,13 @@ class StopRequest:
         self._previous: dict[int, object] = {}
 
     def install(self, names: Iterable[str]) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            # Python takes signals on the main thread only; a launcher that runs training in a thread
+            # (Ray Train) stops it its own way.
+            log.info(
+                "stop signals not installed: training runs outside the main thread (the launcher stops it)"
+            )
+            return
         for name in names:
             sig = getattr(signal, str(name).upper(), None)
             if sig is None:
