@@ -1,0 +1,157 @@
+"""Ray Train and Ray Tune as launchers of the template (the `ray` extra), on a real local Ray cluster.
+
+A Ray Train worker is SIGKILLed twice, before Ray's first report and after it; the group Ray restarts
+resumes the same result directory, and the final weights and metrics equal `./torchrun.sh 2`'s.
+Adopting a process group made by someone else is checked in this process with a real gloo group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from tests.helpers import (
+    ROOT,
+    assert_same_states,
+    explain,
+    only_run_dir,
+    read_metrics,
+    run_shell,
+    shell_env,
+    slow_mlp_source,
+    start_script,
+    user_module_config,
+)
+
+NEEDS_RAY = 'the ray extra is not installed: pip install -e ".[ray]"'
+
+# 2 workers x batch 4 over 48 samples: 6 steps per epoch, each SLEEP s long, so kills land mid-epoch.
+CONFIG = f"""
+__base__: {ROOT}/config/__base__/config.yaml
+imports: [ray_parts]
+epoch: 3
+batch: 4
+model: {{name: SlowMLP, in_features: 16, hidden: [16]}}
+dataset: {{name: SyntheticClassification, input_shape: [16], train_size: 48, val_size: 16, test_size: 16}}
+optimizer: {{name: AdamW, lr: 0.01}}
+logging: {{log_frequency: 1, mlflow: false, tensorboard: false, progress_bar: false}}
+"""
+
+
+def ray_workers(tag: str, skip: set[int]) -> list[int]:
+    """Pids of the RayTrainWorker processes started under this test (found by an env tag they inherit)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) in skip:
+            continue
+        try:
+            if (
+                b"RayTrainWorker" in (proc / "cmdline").read_bytes()
+                and tag.encode() in (proc / "environ").read_bytes()
+            ):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def wait_until(check, proc, log_file: Path, what: str, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert proc.poll() is None, log_file.read_text()[-6000:]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{log_file.read_text()[-6000:]}"
+        time.sleep(0.02)
+
+
+def val_epochs(run: Path) -> list[int]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line)["epoch"] for line in path.read_text().splitlines(keepends=True)
+            if line.endswith("\n") and '"val_loss"' in line]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_ray_train_killed_worker_resumes_same_dir_and_equals_torchrun(tmp_path):
+    pytest.importorskip("ray.train.torch", reason=NEEDS_RAY)
+    config, env = user_module_config(tmp_path, "ray_parts", slow_mlp_source("RAY_TEST_SLEEP"), CONFIG)
+    tag = f"ray-test-{os.getpid()}-{tmp_path.name}"
+    env.update(RAY_TEST_SLEEP="0.3", RAY_TEST_TAG=tag, RAY_AUTH_MODE="disabled")
+
+    ref_out = tmp_path / "ref"
+    ref = run_shell(f"./torchrun.sh 2 train.py {config} output={ref_out}", env=shell_env(tmp_path, **env))
+    assert ref.returncode == 0, explain(ref)
+
+    out, log_file = tmp_path / "ray", tmp_path / "ray.log"
+    proc = start_script("script/ray_train.py", str(config), f"output={out}", "--workers", "2",
+                        "--max-failures", "2", log_file=log_file, env=env)  # fmt: skip
+    try:
+        # Kill 1: a worker, once training has started and before the first epoch ends (Ray's first report).
+        wait_until(lambda: any(out.glob("*/*/metrics.jsonl")), proc, log_file, "the first step")
+        run = only_run_dir(out)
+        assert val_epochs(run) == [], "too late: the first epoch already ended"
+        first = ray_workers(tag, set())
+        assert len(first) == 2
+        os.kill(first[0], signal.SIGKILL)
+        # Kill 2: after the restarted group's first report (a Ray checkpoint exists), mid-epoch 2.
+        storage = out / ".ray"
+        wait_until(lambda: any(storage.glob("*/checkpoint_*")), proc, log_file, "Ray's first checkpoint")
+        second = ray_workers(tag, set(first))
+        assert second, "the worker group was not restarted"
+        os.kill(second[0], signal.SIGKILL)
+        assert proc.wait(timeout=600) == 0, log_file.read_text()[-6000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    console = log_file.read_text()
+    assert only_run_dir(out) == run, "a restart made a second result directory"
+    assert console.count("Ray Train restart: resuming") >= 1 or "resum" in (run / "train.log").read_text()
+    assert f"Ray Train finished: {run.resolve()}" in console
+    assert "python script/ray_train.py" in (run / "summary.txt").read_text()
+
+    # Same weights and optimizer state as torchrun's 2 processes; same validation and test numbers.
+    want = torch.load(only_run_dir(ref_out) / "checkpoints" / "last.pth", weights_only=True)
+    got = torch.load(run / "checkpoints" / "last.pth", weights_only=True)
+    assert_same_states(got, want, ("model", "optimizer"))
+    ref_run = only_run_dir(ref_out)
+    assert json.loads((run / "test" / "metrics.json").read_text()) == json.loads(
+        (ref_run / "test" / "metrics.json").read_text()
+    )
+    last_val = lambda r: [e for e in read_metrics(r) if "val_loss" in e][-1]  # noqa: E731
+    assert last_val(run)["val_loss"] == last_val(ref_run)["val_loss"]
+    assert OmegaConf.load(run / "config.yaml").run_dir == str(run)
+
+
+def test_adopted_process_group_is_not_destroyed(monkeypatch, caplog):
+    """A gloo group made before setup() (as Ray Train makes it) is used as it is and outlives cleanup()."""
+    from src.config import load_config
+    from src.engine import distributed as dist_utils
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(dist_utils.free_port()))
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)
+    dist.init_process_group("gloo", rank=0, world_size=1, timeout=datetime.timedelta(seconds=77))
+    try:
+        cfg = load_config(ROOT / "config" / "dummy.yaml", ["gpu.device=cpu"])
+        with caplog.at_level("INFO", logger="template"):
+            ctx = dist_utils.setup(cfg)
+        assert ctx.strategy == "ddp" and ctx.world_size == 1
+        assert "process group of the launcher adopted: backend gloo, timeout 0:01:17" in caplog.text
+        dist_utils.cleanup()
+        assert dist.is_initialized(), "cleanup() destroyed a group it did not create"
+        t = torch.ones(1)
+        dist.all_reduce(t)  # still usable by its owner
+        assert t.item() == 1.0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
