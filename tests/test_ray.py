@@ -155,3 +155,66 @@ def test_adopted_process_group_is_not_destroyed(monkeypatch, caplog):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def tune_trials(out: Path) -> dict[str, dict[str, str]]:
+    import csv
+
+    with open(next(out.glob("*/*_tune_SlowMLP/tune_summary.csv")), newline="") as f:
+        return {r["optimizer.lr"]: r for r in csv.DictReader(f)}
+
+
+@pytest.mark.slow
+def test_ray_tune_asha_grid_interrupted_and_restored(tmp_path):
+    pytest.importorskip("ray.tune", reason=NEEDS_RAY)
+    config, env = user_module_config(tmp_path, "ray_parts", slow_mlp_source("RAY_TEST_SLEEP"), CONFIG)
+    env.update(RAY_TEST_SLEEP="0.05", RAY_AUTH_MODE="disabled")
+    out = tmp_path / "out"
+    args = [
+        str(config),
+        "optimizer.lr=0.05,0.01,1e-7",
+        "batch=8",
+        f"output={out}",
+        "--asha",
+        "--max-concurrent",
+        "1",
+    ]
+    log_file = tmp_path / "tune.log"
+    proc = start_script("script/ray_tune.py", *args, log_file=log_file, env=env)
+
+    def runs() -> list[Path]:  # in trial order (their tags end in Tune's trial index)
+        found = {p.parent.name.rsplit("_", 1)[-1]: p.parent for p in out.glob("*/*_SlowMLP_*/config.yaml")}
+        return [found[k] for k in sorted(found)]
+
+    def second_training() -> bool:
+        dirs = runs()
+        return len(dirs) == 2 and (dirs[0] / "summary.txt").exists() and (dirs[1] / "metrics.jsonl").exists()
+
+    try:  # Ctrl-C once the first trial finished and the second is training
+        wait_until(second_training, proc, log_file, "the second trial")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    first, second = runs()
+    stamp = (first / "summary.txt").stat().st_mtime_ns
+    assert not (second / "summary.txt").exists()
+
+    again = start_script("script/ray_tune.py", *args, "--restore", log_file=tmp_path / "again.log", env=env)
+    assert again.wait(timeout=600) == 0, (tmp_path / "again.log").read_text()[-6000:]
+    console = (tmp_path / "again.log").read_text()
+    assert "restoring the Tune experiment" in console
+    assert (first / "summary.txt").stat().st_mtime_ns == stamp, "a finished trial trained again"
+    assert len(runs()) == 3 and sorted(runs().items())[1][1] == second, (
+        "the cut trial did not resume in place"
+    )
+    table = tune_trials(out)
+    winner = table["0.05"]
+    assert winner["state"] == "FINISHED" and (Path(winner["run"]) / "test" / "metrics.json").is_file()
+    pruned = table["1e-7"]  # ASHA: worse than the others at the first epoch
+    assert pruned["state"] == "STOPPED", table
+    run = Path(pruned["run"])
+    assert (run / "checkpoints" / "last.pth").is_file() and "stopped by SIGTERM" in (
+        run / "train.log"
+    ).read_text()

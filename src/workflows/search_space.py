@@ -51,6 +51,8 @@ def _text(x: float) -> str:
 
 def override_value(value: Any) -> str:
     """A sampled value as train.py's `key=value` text: floats round-trip exactly (repr)."""
+    if hasattr(value, "item"):  # a NumPy scalar, as Ray Tune samples them
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
     return repr(value) if isinstance(value, float) else str(int(value))
