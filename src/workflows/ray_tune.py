@@ -118,9 +118,16 @@ def tune_search(
     try:
         if can_restore:
             print(f"restoring the Tune experiment in {experiment}", flush=True)
-            tuner = tune.Tuner.restore(
-                str(experiment), trainable, resume_unfinished=True, resume_errored=True
-            )
+            try:
+                tuner = tune.Tuner.restore(
+                    str(experiment), trainable, resume_unfinished=True, resume_errored=True
+                )
+            except Exception as err:  # Ray writes its experiment state in place: a SIGKILL can leave it cut
+                raise RunError(
+                    f"Tune's experiment state in {experiment} cannot be read ({str(err).splitlines()[0][:200]}); "
+                    "move that folder aside and run again for a new experiment. The trials' result "
+                    "directories are intact: python train.py <run>/config.yaml resumes each"
+                ) from None
         else:
             scheduler = None
             if asha:  # max_t beyond the last epoch: a trial that reaches it is never stopped before its test
