@@ -218,3 +218,30 @@ def test_ray_tune_asha_grid_interrupted_and_restored(tmp_path):
     assert (run / "checkpoints" / "last.pth").is_file() and "stopped by SIGTERM" in (
         run / "train.log"
     ).read_text()
+
+
+def test_ray_commands_refuse_bad_input_before_ray_starts(tmp_path, monkeypatch, capsys):
+    """One `error:` line, exit 2, nothing written, and no Ray cluster started."""
+    from src.engine.ray_launch import main as ray_train
+    from tests.test_workflows import load_script
+
+    monkeypatch.chdir(tmp_path)
+    ray_tune = load_script("ray_tune").main
+    dummy = str(ROOT / "config" / "dummy.yaml")
+    cases = [
+        (ray_train, [dummy, "--workers", "0"], "--workers must be at least 1"),
+        (ray_train, [dummy, "optimzer.lr=1"], "optimzer"),
+        (ray_train, [dummy, "distributed.strategy=dp"], "under Ray use ddp or fsdp"),
+        (ray_tune, [dummy, "batch=8"], "nothing to search"),
+        (
+            ray_tune,
+            [dummy, "batch=8,16", "--samples", "0"],
+            "--samples and --max-concurrent must be at least 1",
+        ),
+        (ray_tune, [dummy, "optimizer.lr=loguniform:0:1"], "loguniform needs a low bound above 0"),
+    ]
+    for main, argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, (argv, err)
+    assert list(tmp_path.iterdir()) == []
