@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="experiment YAML")
     parser.add_argument("settings", nargs="*", help="key=v1,v2,... (an axis) or key=value (fixed)")
     parser.add_argument("--random", type=int, help="train N points drawn at random from the grid")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the --random draw (default 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of --random, or of --optuna's sampler (default 0)"
+    )
     parser.add_argument("--gpus", help="GPU ids, e.g. 0,1: one point per GPU at once (default: in turn)")
     parser.add_argument("--metric", help="sort by this metric (default: checkpoint.monitor)")
     parser.add_argument(

@@ -245,3 +245,19 @@ def test_ray_commands_refuse_bad_input_before_ray_starts(tmp_path, monkeypatch, 
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, (argv, err)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_auto_workers_follow_the_cpus_a_launcher_gave(monkeypatch):
+    """Ray pins no cores: `num_workers: auto` on CUDA takes the worker's CPU allocation, not the machine's."""
+    from src.data.workers import auto_num_workers, cpu_cores
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("TEMPLATE_CPUS_PER_PROCESS", "1")
+    auto_num_workers.cache_clear()
+    try:
+        assert auto_num_workers("cuda") == 1
+        monkeypatch.setenv("TEMPLATE_CPUS_PER_PROCESS", "64")
+        auto_num_workers.cache_clear()
+        assert auto_num_workers("cuda") == max(1, min(8, cpu_cores()))  # never more than the cores here
+    finally:
+        auto_num_workers.cache_clear()
