@@ -229,5 +229,10 @@ def _worker(config: dict[str, Any]) -> None:
 def _unpack(folder: Path, run_dir: Path) -> None:
     """A portable checkpoint on a node that lacks the result directory: config.yaml and last.pth back in place."""
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    shutil.copy2(folder / "last.pth", run_dir / "checkpoints" / "last.pth")
-    shutil.copy2(folder / "config.yaml", run_dir / "config.yaml")
+    for source, target in ((folder / "last.pth", run_dir / "checkpoints" / "last.pth"),
+                           (folder / "config.yaml", run_dir / "config.yaml")):  # fmt: skip
+        tmp = target.with_name(
+            f".{target.name}.{os.getpid()}"
+        )  # every worker of the node unpacks: atomically
+        shutil.copy2(source, tmp)
+        os.replace(tmp, target)
