@@ -34,7 +34,10 @@ def auto_num_workers(device_type: str) -> int:
         workers = 0
     else:
         local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        workers = max(1, min(MAX_AUTO_WORKERS, cpu_cores() // local))
+        share = cpu_cores() // local
+        if os.environ.get("TEMPLATE_CPUS_PER_PROCESS"):  # a launcher's allocation (Ray pins no cores)
+            share = min(share, int(os.environ["TEMPLATE_CPUS_PER_PROCESS"]))
+        workers = max(1, min(MAX_AUTO_WORKERS, share))
     log.info(
         "dataloader.num_workers=auto: %d worker(s) per process on %s%s",
         workers,

@@ -17,6 +17,7 @@ from src.errors import ConfigError
 log = logging.getLogger("template")
 
 started_process_group = False  # this process joined a process group: it ends through `exit_process`
+_OWN_GROUP = False  # setup() started the current group, so cleanup() ends it (a launcher's group stays)
 
 
 @dataclass
@@ -53,6 +54,7 @@ def parse_gpu_ids(use: Any) -> list[int]:
 
 def setup(cfg: Any) -> DistContext:
     """Pick the device and start the process group if the strategy needs one."""
+    global _OWN_GROUP, started_process_group
     strategy = str(cfg.distributed.strategy).lower()
     want = str(cfg.gpu.device).lower()
     ids = parse_gpu_ids(cfg.gpu.use)
@@ -108,6 +110,8 @@ def setup(cfg: Any) -> DistContext:
                 )
             # One id per local rank when listed; the default single id means "one GPU per local rank".
             index = ids[local_rank] if len(ids) >= local_world else local_rank
+            if os.environ.get("TEMPLATE_CUDA_DEVICE"):  # the launcher assigned one (Ray Train)
+                index = int(os.environ["TEMPLATE_CUDA_DEVICE"])
             if index >= torch.cuda.device_count():
                 raise ConfigError(
                     f"local rank {local_rank} has no GPU: gpu.use={cfg.gpu.use} and {torch.cuda.device_count()} device(s)"
@@ -129,9 +133,12 @@ def setup(cfg: Any) -> DistContext:
             os.environ.setdefault("MASTER_PORT", str(free_port()))
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
-        if not dist.is_initialized():
-            global started_process_group
-            started_process_group = True
+        if dist.is_initialized():  # a launcher (Ray Train) made the group: use it as it is, never destroy it
+            log.info("process group of the launcher adopted: backend %s, timeout %s%s", dist.get_backend(),
+                     _group_timeout(), "" if backend == dist.get_backend() else f" (distributed.backend={backend} "
+                     "is not used: the launcher chose)")  # fmt: skip
+        else:
+            _OWN_GROUP = started_process_group = True
             timeout = datetime.timedelta(minutes=int(cfg.distributed.timeout_minutes))
             store = restart_safe_store(timeout) if torchrun else None
             dist.init_process_group(
@@ -162,8 +169,19 @@ def restart_safe_store(timeout: datetime.timedelta) -> dist.Store | None:
 
 
 def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
+    """Destroy the process group `setup` started; one a launcher made stays for the launcher to end."""
+    global _OWN_GROUP
+    if _OWN_GROUP and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _OWN_GROUP = False
+
+
+def _group_timeout() -> Any:
+    """The default group's collective timeout, as far as the backend tells it."""
+    try:
+        return dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout
+    except Exception:  # another backend, another torch: the log line just lacks it
+        return "unknown"
 
 
 def exit_process(code: int) -> NoReturn:

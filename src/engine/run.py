@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,17 @@ from src.user_modules import import_user_modules
 log = logging.getLogger("template")
 
 
-def train_main(config_path: str | Path, overrides: list[str], cfg: DictConfig | None = None) -> int:
-    """Train (or resume) the run described by `config_path`; returns the process exit code."""
+def train_main(
+    config_path: str | Path,
+    overrides: list[str],
+    cfg: DictConfig | None = None,
+    on_epoch_end: Callable[[Path, int, dict[str, float]], None] | None = None,
+) -> int:
+    """Train (or resume) the run described by `config_path`; returns the process exit code.
+
+    `on_epoch_end(run_dir, epoch, metrics)`: a launcher's hook (Ray Train's report), called on every
+    rank once the epoch's checkpoint is written.
+    """
     config_path = Path(config_path)
     cfg = cfg if cfg is not None else load_config(config_path, overrides)
     import_user_modules(list(cfg.imports))
@@ -63,6 +73,8 @@ def train_main(config_path: str | Path, overrides: list[str], cfg: DictConfig | 
     if ctx.is_main:  # summary.txt marks a finished run; a resumed one is not finished until it says so again
         (run_dir / "summary.txt").unlink(missing_ok=True)
     trainer = Trainer(cfg, ctx, run_dir, resume)
+    if on_epoch_end is not None:
+        trainer.on_epoch_end = lambda epoch, metrics: on_epoch_end(run_dir, epoch, metrics)
     started = time.time()
     status = "FAILED"
     try:
@@ -88,8 +100,9 @@ def train_main(config_path: str | Path, overrides: list[str], cfg: DictConfig | 
                     "trains nothing more)", trainer.stop.signal_name or "another rank's stop request",
                     resume_command(run_dir))  # fmt: skip
         return trainer.stop.exit_code
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C twice; a launcher's stop (Ray) in a worker thread
         status = "KILLED"
+        log.warning("stopped; resume with: %s", resume_command(run_dir))
         raise
     except TemplateError as err:
         log.error("run failed: %s", err)
@@ -179,7 +192,8 @@ def _plan(
     The directory is locked (rank 0) before anything in it is read for the resume or changed.
     """
     marker = elastic_marker(cfg)
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    # Ray Train's restarts keep TEMPLATE_RUN_KEY: its marker, when there is one, names the run to resume.
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 or "TEMPLATE_RUN_KEY" in os.environ
     if cfg.run_dir:  # python train.py result/.../config.yaml: resume in place
         run_dir = run_dir_of(config_path)
         lock = _lock(run_dir, ctx, "training")
@@ -228,8 +242,9 @@ def _plan(
         found = dist_utils.broadcast_object(found)
         if found:
             run_dir = Path(found)
+            count = os.environ.get("TORCHELASTIC_RESTART_COUNT")
             log.warning(
-                "torchrun restart %s: resuming %s", os.environ.get("TORCHELASTIC_RESTART_COUNT"), run_dir
+                "%s: resuming %s", f"torchrun restart {count}" if count else "Ray Train restart", run_dir
             )
             lock = _lock(run_dir, ctx, "training")
             return run_dir, find_resume_state(run_dir, tidy=ctx.is_main), False, lock

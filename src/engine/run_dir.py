@@ -91,6 +91,8 @@ def resume_command(run_dir: Path | str) -> str:
     """The command that continues this run under the launcher it runs under (read from torchrun's
     environment): `python train.py ...`, `./torchrun.sh N train.py ...` or `./multinode.sh ...`."""
     config = f"{run_dir}/config.yaml"
+    if os.environ.get("TEMPLATE_RESUME_COMMAND"):  # another launcher (Ray Train) says how it resumes
+        return os.environ["TEMPLATE_RESUME_COMMAND"].replace("{config}", config)
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return f"python train.py {config}"
@@ -126,12 +128,13 @@ def refuse_harmful_changes(changes: list[tuple[str, Any, Any]], allowed: bool) -
 
 
 def elastic_marker(cfg: DictConfig) -> Path | None:
-    """Under torchrun, a file naming this job's result directory, so a restarted worker finds it.
+    """Under torchrun (or Ray Train, which passes TEMPLATE_RUN_KEY), a file naming this job's result
+    directory, so a restarted worker finds it.
 
     torchrun's default rendezvous id is the literal "none", shared by unrelated jobs; then the key
     is the torchrun agent (host and pid), which stays the same across its restarts of the workers.
     """
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("TEMPLATE_RUN_KEY")
     if not run_id:
         return None
     if run_id == "none":

@@ -39,6 +39,14 @@ class StopRequest:
 
     def install(self, names: Iterable[str]) -> None:
         global _active, _started
+        if threading.current_thread() is not threading.main_thread():
+            # Python takes signals on the main thread only; a launcher that runs training in a thread
+            # (Ray Train) stops it its own way.
+            log.info(
+                "stop signals not installed: training runs outside the main thread (the launcher stops it)"
+            )
+            _active, _started = self, True
+            return
         for name in names:
             sig = getattr(signal, str(name).upper(), None)
             if sig is None:

@@ -99,6 +99,7 @@ class Trainer:
         self.profiler: Any = None
         self.step_lr: Any = None  # the lr of the last optimizer step, as logged
         self.grad_norm: torch.Tensor | None = None
+        self.on_epoch_end: Any = None  # (epoch, metrics) -> None on every rank: Ray Train's report
 
     def fit(self) -> TrainState:
         self._build()
@@ -126,6 +127,9 @@ class Trainer:
                 st.early_stopped = self.early_stopping.should_stop(metrics)
                 final = st.early_stopped or epoch + 1 == end or self.stop.requested
                 self.checkpointer.save(names, f"epoch {epoch + 1}", final)
+                if self.on_epoch_end is not None:  # a launcher's report: the checkpoint is written first
+                    self.checkpointer.wait()
+                    self.on_epoch_end(epoch, metrics)
                 if st.early_stopped:
                     log.info("early stopping: %s did not improve for %d validation(s)",
                              self.early_stopping.monitor, st.stale_epochs)  # fmt: skip

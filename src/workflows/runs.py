@@ -152,7 +152,11 @@ def run_jobs(jobs: list[Job], gpus: list[str], env: dict[str, str], log_dir: Pat
             print(f"{job.name}: {state} ({job.run_dir})", flush=True)
 
 
-def _start(job: Job, gpu: str | None, env: dict[str, str], log_dir: Path, concurrent: bool) -> tuple:
+def _start(
+    job: Job, gpu: str | None, env: dict[str, str], log_dir: Path, concurrent: bool, own_session: bool = False
+) -> tuple:
+    """Start the job's train.py. `own_session`: outside this process's group, so that only the SIGTERM
+    of this process's death reaches it (Ray signals a dead worker's whole group, a second signal)."""
     if job.run_dir is not None:  # a run cut before its first checkpoint starts over, its leftovers set aside
         args = [str(job.run_dir / "config.yaml"), "checkpoint.allow_restart=true"]
         print(f"{job.name}: resuming {job.run_dir}", flush=True)
@@ -172,6 +176,7 @@ def _start(job: Job, gpu: str | None, env: dict[str, str], log_dir: Path, concur
         stdout=out,
         stderr=subprocess.STDOUT if out else None,
         preexec_fn=_stop_with_parent(),
+        start_new_session=own_session,
     )
     return proc, job, gpu, out
 

@@ -17,48 +17,7 @@ from typing import Any
 from src.engine.run_dir import _slug
 from src.errors import ConfigError, RunError
 from src.workflows import runs
-
-
-def split_values(text: str) -> list[str]:
-    """`1e-4,1e-3` -> ['1e-4', '1e-3']; commas inside [...], {...} or quotes do not split."""
-    parts, depth, quote, current = [], 0, "", ""
-    for char in text:
-        if quote:
-            quote = "" if char == quote else quote
-        elif char in "\"'":
-            quote = char
-        elif char in "[{":
-            depth += 1
-        elif char in "]}":
-            depth -= 1
-        elif char == "," and depth == 0:
-            parts.append(current)
-            current = ""
-            continue
-        current += char
-    parts.append(current)
-    return [p.strip() for p in parts]
-
-
-def parse_axes(items: list[str]) -> tuple[list[str], list[tuple[str, list[str]]]]:
-    """(fixed overrides, [(key, [value texts])]): an item with several values is an axis of the grid."""
-    fixed, axes = [], []
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ConfigError(f"malformed setting '{item}': write key=value or key=v1,v2,...")
-        values = split_values(text)
-        if len(values) > 1:
-            if any(not v for v in values):
-                raise ConfigError(f"'{item}' has an empty value; write key=v1,v2,...")
-            if key.strip() in (k for k, _ in axes):
-                raise ConfigError(
-                    f"'{key.strip()}' is swept twice; give its values once, separated by commas"
-                )
-            axes.append((key.strip(), values))
-        else:
-            fixed.append(item)
-    return fixed, axes
+from src.workflows.search_space import parse
 
 
 def grid_points(
@@ -83,7 +42,14 @@ def point_tag(base: str, point: list[tuple[str, str]]) -> str:
 def plan(
     config: str, items: list[str], random_n: int | None, seed: int
 ) -> tuple[Any, list[tuple[str, list[str]]], list[runs.Job]]:
-    fixed, axes = parse_axes(items)
+    fixed, dims = parse(items)
+    ranges = [d.spec() for d in dims if d.kind != "choice"]
+    if ranges:
+        raise ConfigError(
+            f"{ranges[0]} is a range, which a grid cannot list: sample it with --optuna N, or list values "
+            "(key=v1,v2,...)"
+        )
+    axes = [(d.key, list(d.choices)) for d in dims]
     if not axes:
         raise ConfigError(
             "nothing to sweep: give at least one key with several values, e.g. optimizer.lr=1e-4,1e-3"
@@ -101,18 +67,8 @@ def plan(
     return base, axes, jobs
 
 
-def sweep(
-    config: str,
-    items: list[str],
-    random_n: int | None = None,
-    seed: int = 0,
-    gpus: list[str] | None = None,
-    metric: str | None = None,
-    mode: str | None = None,
-    index: int | None = None,
-) -> int:
-    """Train every point (or only point `index`, for one SLURM array task) and write the summary."""
-    base, axes, jobs = plan(config, items, random_n, seed)
+def metric_and_mode(base: Any, metric: str | None, mode: str | None) -> tuple[str, str]:
+    """The metric that ranks runs (default checkpoint.monitor) and whether min or max is best."""
     metric = metric or str(base.checkpoint.monitor)
     if mode is None:
         lower = ("loss", "error")
@@ -127,6 +83,22 @@ def sweep(
         raise ConfigError(f"--metric must be a val_ or test_ metric, e.g. val_accuracy; got '{metric}'")
     if mode not in ("min", "max"):
         raise ConfigError(f"--mode must be min or max, got '{mode}'")
+    return metric, mode
+
+
+def sweep(
+    config: str,
+    items: list[str],
+    random_n: int | None = None,
+    seed: int = 0,
+    gpus: list[str] | None = None,
+    metric: str | None = None,
+    mode: str | None = None,
+    index: int | None = None,
+) -> int:
+    """Train every point (or only point `index`, for one SLURM array task) and write the summary."""
+    base, axes, jobs = plan(config, items, random_n, seed)
+    metric, mode = metric_and_mode(base, metric, mode)
     runs.check(jobs if index is None else jobs[index : index + 1])
     if index is not None:  # one point, no summary: many of these run at once under SLURM
         if not 0 <= index < len(jobs):
