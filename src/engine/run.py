@@ -45,6 +45,9 @@ def train_main(config_path: str | Path, overrides: list[str], cfg: DictConfig | 
     ctx = dist_utils.setup(cfg)
     setup_logging(None, ctx.rank, debug=bool(cfg.debug))
     run_dir, resume, fresh = _plan(cfg, config_path, overrides, ctx)
+    if not fresh and _finished(run_dir, resume, int(cfg.epoch), ctx):
+        dist_utils.cleanup()
+        return 0
     cfg = OmegaConf.merge(cfg, {"run_dir": str(run_dir)})
     if ctx.is_main:
         cfg = resolve_uri(cfg)
@@ -207,6 +210,31 @@ def _plan(
         tmp.write_text(str(run_dir))
         os.replace(tmp, marker)
     return run_dir, warm, True
+
+
+def _finished(run_dir: Path, state: dict | None, epochs: int, ctx: Any) -> bool:
+    """A run that trained all its epochs (or that early stopping ended) and was tested, resumed without a
+    larger `epoch`: say so and how to go on, and touch nothing (a run cut before its test is tested)."""
+    progress = (state or {}).get("progress")
+    if progress is None or state.get("weights_only"):
+        return False
+    done = int(progress.get("epoch", 0))
+    stopped = bool(progress.get("early_stopped")) and epochs <= int(progress.get("planned_epochs") or epochs)
+    summary = run_dir / "summary.txt"
+    tested = dist_utils.broadcast_object(summary.is_file() if ctx.is_main else None)
+    if not tested or (done < epochs and not stopped):
+        return False
+    how = (
+        f"early stopping ended it at epoch {done} of {epochs}"
+        if done < epochs
+        else f"it trained {done} epoch(s)"
+    )
+    log.info(
+        "this run is finished (%s, tested; see %s) and nothing was changed; to train it longer: %s epoch=<more "
+        "than %d>; to test it again: python test.py %s/config.yaml",
+        how, summary, resume_command(run_dir), max(done, epochs), run_dir,
+    )  # fmt: skip
+    return True
 
 
 def _state_to_continue(cfg: DictConfig) -> dict[str, Any]:
