@@ -60,6 +60,8 @@ def start_trackers(cfg: DictConfig, run_dir: Path, saved: dict | None, step: int
         mlflow = MlflowTracker(
             cfg.logging.mlflow_tracking_uri, experiment_name(cfg), run_dir.name, tags, run_id=run_id
         )
+        if cfg.logging.get("system_metrics"):
+            mlflow.log_system_metrics()
         trackers.append(mlflow)  # activate_mlflow() points user code at it once it is needed
     multi = MultiTracker(trackers)
     if saved:
