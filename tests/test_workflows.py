@@ -16,6 +16,7 @@ import shlex
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -70,13 +71,30 @@ def test_make_splits_stratified_disjoint_and_complete(demo_raw, tmp_path, capsys
     assert make_splits([str(root / "raw"), "--folds", "20", "--force"]) == 2
     err = capsys.readouterr().err
     assert (
-        err.startswith("error: class 'class_0'") and "fewer than --folds 20" in err and err.count("\n") == 1
+        err.startswith("error: class 'class_0'") and "remain for --folds 20" in err and err.count("\n") == 1
     )
     assert (splits / "test.txt").read_text() == before, "a refused --force must not touch the splits"
     assert make_splits([str(tmp_path / "nothing" / "raw")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert make_splits([str(root / "raw"), "--folds", "2", "--force", "--seed", "1"]) == 0
     assert len(list(splits.glob("fold_*_val.txt"))) == 2
+
+
+def test_make_splits_refuses_existing_splits_before_importing_torch(tmp_path):
+    (tmp_path / "raw" / "a").mkdir(parents=True)
+    (tmp_path / "splits").mkdir()
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['make_splits.py', {str(tmp_path / 'raw')!r}]\n"
+        "try:\n    runpy.run_path('script/make_splits.py', run_name='__main__')\n"
+        "except SystemExit as stop:\n    print(stop.code, 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["2", "False"], explain(proc)
+    assert proc.stderr == (
+        f"error: splits already exist at {tmp_path / 'splits'}; add --force to replace them (runs trained on "
+        "them would no longer match)\n"
+    )
 
 
 def test_image_folder_fold_and_run_dir_name(demo_raw, tmp_path):
