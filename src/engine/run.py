@@ -76,12 +76,14 @@ def train_main(config_path: str | Path, overrides: list[str], cfg: DictConfig | 
         status = "KILLED"
         raise
     except TemplateError as err:
-        log.error("run failed: %s", err)
-        # Failing in set-up (bad argument, missing data, unfit checkpoint) leaves no half-made directory.
+        # Failing in set-up (bad argument, missing data, unfit checkpoint) leaves no half-made directory,
+        # and the error is said once, by the caller's `error:` line; a kept run's train.log records it.
         started = trainer.state.global_step > 0 or (run_dir / "checkpoints").exists()
         if fresh and ctx.is_main and not started:
             _discard(run_dir, trainer)
             status = "DISCARDED"
+        else:
+            log.error("run failed: %s", err)
         raise
     except RuntimeError as err:
         op = nondeterministic_op(err)
@@ -301,6 +303,7 @@ def _discard(run_dir: Path, trainer: Trainer) -> None:
     if trainer.trackers is not None:
         trainer.trackers.finish("FAILED")
         trainer.trackers = None
+    log.info("removed %s: the run stopped before its first step", run_dir)
     logging.getLogger("template").handlers.clear()
     shutil.rmtree(run_dir, ignore_errors=True)
     parent = run_dir.parent
