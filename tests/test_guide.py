@@ -254,12 +254,12 @@ def warmup_restarts(epoch: int) -> float:
 # Training Configuration
 
 
-
 def mixed_on_cpu() -> str:
     """What `mixed_precision: true` alone means on this CPU: bf16 with bf16 hardware, else fp32."""
     from src.engine.precision import _cpu_has_native_bf16
 
     return "bf16" if _cpu_has_native_bf16() else "fp32"
+
 
 def test_basic_training_setup_block(tmp_path, user_env):
     """my_dataset (the user's) + resnet50 + AdamW + warm restarts + mixed precision.
