@@ -85,8 +85,10 @@ def test_mixed_precision_alone_trains_in_fp32_on_a_cpu_without_native_bf16(monke
     cpu = torch.device("cpu")
     mixed = OmegaConf.create({"mixed_precision": True, "precision": None})
     monkeypatch.setattr(precision, "_cpu_has_native_bf16", lambda: False)
+    precision._say_fp32_instead.cache_clear()
     with caplog.at_level("INFO", logger="template"):
         assert precision.resolve_precision(mixed, cpu).name == "32"
+        assert precision.resolve_precision(mixed, cpu).name == "32"  # the test after training: said once
     said = [r.getMessage() for r in caplog.records if "no native bf16" in r.getMessage()]
     assert len(said) == 1 and "gpu.precision=bf16 forces bf16" in said[0]
     explicit = OmegaConf.create({"mixed_precision": True, "precision": "bf16"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -49,11 +50,7 @@ def resolve_precision(gpu_cfg: Any, device: torch.device) -> Precision:
     if gpu_cfg.precision is not None:
         name = PRECISIONS[str(gpu_cfg.precision).lower()]
     elif gpu_cfg.mixed_precision and device.type == "cpu" and not _cpu_has_native_bf16():
-        log.info(
-            "gpu.mixed_precision: this CPU (%s) has no native bf16 matmul (AMX or AVX512-BF16), where "
-            "autocast runs slower than fp32: training in fp32; gpu.precision=bf16 forces bf16",
-            torch.backends.cpu.get_cpu_capability(),
-        )
+        _say_fp32_instead()
         name = "32"
     elif gpu_cfg.mixed_precision:
         bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
@@ -68,6 +65,16 @@ def resolve_precision(gpu_cfg: Any, device: torch.device) -> Precision:
             "bf16" if name == "bf16" else "fp16", torch.backends.cpu.get_cpu_capability(),
         )  # fmt: skip
     return Precision(name, device_type)
+
+
+@functools.cache
+def _say_fp32_instead() -> None:
+    """Once per process: training and the test after it resolve the precision each."""
+    log.info(
+        "gpu.mixed_precision: this CPU (%s) has no native bf16 matmul (AMX or AVX512-BF16), where "
+        "autocast runs slower than fp32: training in fp32; gpu.precision=bf16 forces bf16",
+        torch.backends.cpu.get_cpu_capability(),
+    )
 
 
 # CPU features that compute bf16 products in hardware: x86 AMX and AVX512-BF16, Arm's BF16 extension.
