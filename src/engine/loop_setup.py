@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from src.optim.param_groups import group_name
+
 log = logging.getLogger("template")
 
 
@@ -36,8 +38,6 @@ def in_background(fn: Any, *args: Any) -> concurrent.futures.Future:
 def step_lr(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Every group's lr now, by group name, the first group first; a tensor lr (schedulers update those
     in place) is copied, without a sync."""
-    from src.optim.param_groups import group_name
-
     lrs = {}
     for i, group in enumerate(optimizer.param_groups):
         lr = group["lr"]

@@ -99,7 +99,7 @@ class Trainer:
         self.window: Any = None
         self.evaluator_job: concurrent.futures.Future | None = None  # started with the first batch
         self.profiler: Any = None
-        self.step_lr: Any = None  # the lr of the last optimizer step, as logged
+        self.step_lr: Any = None  # each group's lr at the last optimizer step, as logged
         self.grad_norm: torch.Tensor | None = None
 
     def fit(self) -> TrainState:
