@@ -10,6 +10,7 @@ Both tables, with every column, are written (by default to <root>/results.csv an
 terminal gets a compact table of the most telling columns that fits 120 characters (`--columns`
 picks them, comma-separated).
 `--sort` puts the best run first: lowest first for losses and errors, highest first otherwise.
+Smoke tests (`debug=true`, `<run>_debug/`) are left out unless `--include-debug`.
 """
 
 from __future__ import annotations
@@ -103,12 +104,14 @@ def final_metrics(run: Path) -> dict[str, float]:
     return out
 
 
-def table(root: Path) -> tuple[list[str], list[dict[str, Any]]]:
+def table(root: Path, include_debug: bool = False) -> tuple[list[str], list[dict[str, Any]]]:
     runs = find_runs(root)
     configs = {run: settings(run) for run in runs}
+    if not include_debug:
+        runs = [run for run in runs if not configs[run].get("debug")]
     keys: list[str] = []
-    for flat in configs.values():
-        keys += [k for k in flat if k not in keys]
+    for run in runs:
+        keys += [k for k in configs[run] if k not in keys]
     varying = [
         k for k in keys
         if k not in MAIN_SETTINGS and not k.startswith(NOT_SETTINGS)
@@ -211,6 +214,7 @@ def main() -> int:
     )
     parser.add_argument("--csv", type=Path, help="CSV file to write (default: <root>/results.csv)")
     parser.add_argument("--md", type=Path, help="Markdown file to write (default: <root>/results.md)")
+    parser.add_argument("--include-debug", action="store_true", help="also list debug=true smoke tests")
     args = parser.parse_args()
 
     from src.errors import did_you_mean
@@ -221,10 +225,13 @@ def main() -> int:
             file=sys.stderr,
         )
         return 2
-    columns, rows = table(args.root)
+    columns, rows = table(args.root, args.include_debug)
+    debug = 0 if args.include_debug else sum(bool(settings(r).get("debug")) for r in find_runs(args.root))
+    left_out = f" ({debug} debug=true run(s) left out; --include-debug lists them)" if debug else ""
     if not rows:
         print(
-            f"no runs under {args.root} (a run is a folder with config.yaml and train.log)", file=sys.stderr
+            f"no runs under {args.root} (a run is a folder with config.yaml and train.log){left_out}",
+            file=sys.stderr,
         )
         return 1
     if args.sort:
@@ -256,7 +263,8 @@ def main() -> int:
     md_path.write_text(markdown(columns, rows))
     print(text_table(shown, rows), end="")
     print(
-        f"\n{len(rows)} run(s), {len(shown)} of {len(columns)} columns shown; all of them in {csv_path} and {md_path}",
+        f"\n{len(rows)} run(s), {len(shown)} of {len(columns)} columns shown; all of them in {csv_path} and {md_path}"
+        + left_out,
         file=sys.stderr,
     )
     return 0

@@ -4,7 +4,7 @@
 
 Each fold is an ordinary result directory (`python train.py CONFIG key=value dataset.fold=k`); the
 folds run in turn, or one per GPU at once with --gpus. Running the same command again skips finished
-folds and resumes a cut one in place. The summary lands in <output>/<dataset>/<ts>_cv_<model>[_<tag>]/.
+folds and resumes a cut one in place. The summary lands in <output>/<dataset>/<ts>_cv_<hash>_<model>[_<tag>]/.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# The refusal of existing splits (src.workflows.splits raises the same for callers from Python).
+ALREADY = "splits already exist at {splits}; add --force to replace them (runs trained on them would no longer match)"
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -25,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=42, help="shuffling seed (default 42)")
     parser.add_argument("--force", action="store_true", help="replace existing splits")
     args = parser.parse_args(argv)
+    splits = args.raw.parent / "splits"
+    if splits.exists() and not args.force:  # said before importing torch, which takes seconds
+        print(f"error: {ALREADY.format(splits=splits)}", file=sys.stderr)
+        return 2
 
     from src.engine.cli import run_cli
     from src.workflows.splits import make_splits

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -260,6 +261,10 @@ def test_missing_dataset_root_says_where_and_how_to_download(tmp_path):
     line = error_line(proc, 1)
     assert_words(line, "CIFAR10", str(tmp_path / "data" / "cifar-10-batches-py"), "dataset.download=true")
     assert result_dirs(out) == [] and not (out / "CIFAR10").exists()
+    # said once (no ERROR log line repeating it), and the directory printed at the start is said to be gone
+    assert proc.stderr.count("dataset files not found") == 1 and "ERROR" not in proc.stderr, proc.stderr
+    made = re.search(r"\| result directory: (\S+)\n", proc.stderr).group(1)
+    assert f"| removed {made}: the run stopped before its first step\n" in proc.stderr
 
 
 def test_model_output_size_not_matching_the_classes(tmp_path):

@@ -6,6 +6,7 @@ across the epoch where frozen layers join the optimizer and compares the end sta
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from tests.helpers import (
     assert_same_states,
     explain,
     only_run_dir,
+    read_metrics,
     run_script,
     sigkill_after,
     slow_mlp_source,
@@ -200,3 +202,39 @@ def test_sigkill_across_the_unfreeze_epoch_resumes_bit_exact(tmp_path):
     assert proc.returncode == 0, explain(proc)
     got = ckpt(killed, "last.pth")
     assert_same_states(got, final, ("model", "optimizer", "scheduler"))
+
+
+def test_freezing_and_groups_are_logged_at_start_and_every_groups_lr_in_each_tracker(tmp_path):
+    """Which parameters are frozen (per pattern), what unfreezes when, each group's lr at start; then
+    `lr/<group>` for every group in metrics.jsonl, MLflow and TensorBoard."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config, env = user_module_config(tmp_path, "finetune_parts", PARTS, CONFIG)
+    out = tmp_path / "out"
+    proc = run_script("train.py", str(config), f"output={out}", "epoch=2", "logging.mlflow=true",
+                      "logging.tensorboard=true", "logging.system_metrics=false",
+                      env={**env, "MLFLOW_TRACKING_URI": ""})  # fmt: skip
+    assert proc.returncode == 0, explain(proc)
+    run = only_run_dir(out)
+    log = (run / "train.log").read_text()
+    assert re.search(r"frozen at start: 2 of 6 parameter tensors \([\d,]+ values\); by 'net\.1\.\*' 2\n", log)
+    assert "unfreezes at the start of epoch 2: 2 parameter tensors (net.1.weight ...) at lr x 0.1" in log
+    assert "optimizer groups: default lr 0.01 (2 tensors), net.7 lr 0.03 (2 tensors)" in log
+
+    events = [e for e in read_metrics(run) if "train_loss" in e]
+    first = [e for e in events if e["epoch"] == 1]
+    later = [e for e in events if e["epoch"] == 2]
+    assert all({"lr/default", "lr/net.7"} <= e.keys() and "lr/unfrozen_epoch2" not in e for e in first)
+    assert all(e["lr"] == e["lr/default"] for e in events)
+    assert later and all(e["lr/unfrozen_epoch2"] == pytest.approx(0.1 * e["lr/default"]) for e in later)
+    assert all(e["lr/net.7"] == pytest.approx(3 * e["lr/default"]) for e in events)
+
+    client = MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")
+    (found,) = client.search_runs([client.get_experiment_by_name("SyntheticClassification").experiment_id])
+    board = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    board.Reload()
+    for key in ("lr/default", "lr/net.7", "lr/unfrozen_epoch2"):
+        want = [(e["step"], pytest.approx(e[key])) for e in events if key in e]
+        assert [(m.step, m.value) for m in client.get_metric_history(found.info.run_id, key)] == want, key
+        assert [(s.step, s.value) for s in board.Scalars(key)] == want, key

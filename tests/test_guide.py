@@ -254,6 +254,13 @@ def warmup_restarts(epoch: int) -> float:
 # Training Configuration
 
 
+def mixed_on_cpu() -> str:
+    """What `mixed_precision: true` alone means on this CPU: bf16 with bf16 hardware, else fp32."""
+    from src.engine.precision import _cpu_has_native_bf16
+
+    return "bf16" if _cpu_has_native_bf16() else "fp32"
+
+
 def test_basic_training_setup_block(tmp_path, user_env):
     """my_dataset (the user's) + resnet50 + AdamW + warm restarts + mixed precision.
 
@@ -268,7 +275,7 @@ def test_basic_training_setup_block(tmp_path, user_env):
     assert cfg["optimizer"] == {"name": "AdamW", "lr": 0.001, "weight_decay": 0.01}
     assert cfg["lr_scheduler"] == {"name": "CosineAnnealingWarmRestarts", "T_0": 10, "T_mult": 2}
     assert cfg["gpu"]["use"] == "0" and cfg["gpu"]["mixed_precision"] is True
-    assert "bf16 precision" in run.log  # mixed_precision alone picks bf16 where the device has it
+    assert f"{mixed_on_cpu()} precision" in run.log  # mixed_precision alone: bf16 where the CPU has it
     state = run.checkpoint()
     assert state["model"]["fc.weight"].shape == (10, 2048)  # resnet50's head sized by the dataset
     group = state["optimizer"]["param_groups"][0]
@@ -341,7 +348,7 @@ def test_basic_training_and_resuming_commands(tmp_path, guide_env):
     proc = guide_command(CMD_BASIC, *experiment_small(out), env=guide_env)
     assert proc.returncode == 0, explain(proc)
     run = Run(only_run_dir(out))
-    assert run.dir.name.endswith("_SimpleCNN_experiment") and "bf16 precision" in run.log
+    assert run.dir.name.endswith("_SimpleCNN_experiment") and f"{mixed_on_cpu()} precision" in run.log
     lrs = run.lr_by_epoch()
     assert_close(lrs[1], 0.001)
     assert_close(lrs[2], cosine(0.001, 1, 10))

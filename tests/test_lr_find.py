@@ -41,3 +41,14 @@ def test_lr_find_script_sweeps_stops_on_divergence_and_prints_the_override(tmp_p
     bad = run_script("script/lr_find.py", "config/dummy.yaml", f"output={tmp_path / 'bad'}", "--start", "0")
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --start and --end"), explain(bad)
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_plot_shows_the_suggestion_to_3_digits_and_no_loss_axis_below_zero():
+    from src.workflows.lr_find import LRFindResult, plot
+
+    lrs = [1e-5 * 1.5**i for i in range(30)]
+    losses = [2.3 * 0.8**i for i in range(30)]  # falls to 0.0035: autoscale's margin went below 0
+    fig = plot(LRFindResult(lrs, losses, losses, 0.0012345, False), "test")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()][-1] == "suggested lr 0.00123"
+    assert ax.get_ylim()[0] == 0.0

@@ -94,3 +94,26 @@ def test_a_users_scheduler_is_named_in_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="template"):
         assert replan(schedule, schedule.state_dict(), OLD, NEW) is None
     assert "MyDecay" in caplog.text and "cannot be re-planned" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["StepLR", "CosineAnnealingLR"])
+def test_the_replan_line_names_the_lr_training_goes_on_at_or_that_nothing_changed(name):
+    """A finished cosine's next lr is 0: the line shows where training goes on, not that 0."""
+    section = {"name": name, **SCHEDULERS[name]}
+    _, optimizer, schedule = _run(section, OLD)
+    saved_opt, saved_sched = optimizer.state_dict(), schedule.state_dict()
+    _, optimizer, schedule = _run(section, NEW, until=0)  # freshly built for the new length
+    plan = replan(schedule, saved_sched, OLD, NEW)
+    optimizer.load_state_dict(saved_opt)
+    line = schedule.replan_line(OLD, NEW, *schedule.apply_plan(plan))
+    lr = optimizer.param_groups[0]["lr"]
+    if name == "StepLR":  # halves every 2 epochs whatever the length: the same lr before and after
+        assert line == f"epoch {OLD} -> {NEW}: StepLR does not depend on the run length, its learning rate " \
+            f"goes on unchanged (lr {lr:.6g})"  # fmt: skip
+    else:
+        assert lr > 0.01
+        want = (
+            f"schedule re-planned: {OLD} -> {NEW} epochs (CosineAnnealingLR): training goes on at lr {lr:.6g}"
+        )
+        assert line == want
+        assert " 0 " not in line

@@ -118,24 +118,28 @@ def test_extend_early_stop_rerun_and_warm_start_follow_the_replanned_schedule(tm
     more = run_script("train.py", f"{run_dir}/config.yaml", "epoch=6", "training.early_stopping.patience=1",
                       "training.early_stopping.min_delta=10")  # fmt: skip
     assert more.returncode == 0, explain(more)
-    assert "schedule re-planned: 2 -> 6 epochs, lr 0 -> 0.0022" in more.stderr
+    assert (
+        "schedule re-planned: 2 -> 6 epochs (CosineAnnealingLR): training goes on at lr 0.0022" in more.stderr
+    )
     extended = [e for e in train_events(run_dir) if e["epoch"] > 2]
     assert extended and min(e["lr"] for e in extended) > 1e-4
     weights = last(run_dir)
     assert weights["progress"]["epoch"] == 4 and weights["progress"]["early_stopped"]
     assert not torch.equal(weights["model"]["classifier.1.weight"], finished["model"]["classifier.1.weight"])
 
-    # Running the early-stopped run again trains nothing and keeps best.pth.
-    best = (run_dir / "checkpoints" / "best.pth").read_bytes()
-    again = run_script("train.py", f"{run_dir}/config.yaml")
-    assert again.returncode == 0, explain(again)
-    assert "nothing left to train: early stopping ended it at epoch 4 of epoch=6" in again.stderr
-    assert last(run_dir)["progress"]["global_step"] == weights["progress"]["global_step"]
-    assert (run_dir / "checkpoints" / "best.pth").read_bytes() == best
+    # Running the early-stopped run again says once that it is finished and changes no file.
     assert (
         f"resume:     python train.py {run_dir}/config.yaml epoch=<more than 4>"
         in (run_dir / "summary.txt").read_text()
     )
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()}
+    again = run_script("train.py", f"{run_dir}/config.yaml")
+    assert again.returncode == 0, explain(again)
+    assert again.stderr.count("this run is finished (early stopping ended it at epoch 4 of 6, tested") == 1
+    assert f"to train it longer: python train.py {run_dir}/config.yaml epoch=<more than 6>" in again.stderr
+    assert f"to test it again: python test.py {run_dir}/config.yaml" in again.stderr
+    assert not any(s in again.stderr for s in ("resumed at", "nothing left", "training SimpleCNN", "test:"))
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()} == before
 
     # A changed monitor would be compared with the old metric's best: refused.
     monitor = run_script("train.py", f"{run_dir}/config.yaml", "checkpoint.monitor=val_accuracy")

@@ -187,6 +187,29 @@ def test_aggregate_results_sorts_losses_lowest_first(runs, tmp_path):
     assert bad.returncode == 2 and "test_accuracy" in bad.stderr
 
 
+def test_a_debug_run_is_marked_in_its_name_and_mlflow_and_left_out_of_the_table(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "out"
+    proc = run_script("train.py", "config/dummy.yaml", f"output={out}", "debug=true", "logging.tensorboard=false",
+                      "logging.system_metrics=false", env={"MLFLOW_TRACKING_URI": ""})  # fmt: skip
+    assert proc.returncode == 0, explain(proc)
+    (run,) = [p.parent for p in out.glob("*/*/config.yaml")]
+    assert re.fullmatch(r"\d{8}_\d{6}_SimpleCNN_dummy_debug", run.name)
+    client = MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")
+    (found,) = client.search_runs([client.get_experiment_by_name("SyntheticClassification").experiment_id])
+    assert found.data.tags["debug"] == "true"
+    assert client.search_runs([found.info.experiment_id], filter_string="tags.debug = 'false'") == []
+
+    table = ["script/aggregate_results.py", "--root", str(out), "--csv", str(tmp_path / "a.csv"),
+             "--md", str(tmp_path / "a.md")]  # fmt: skip
+    left = run_script(*table)
+    assert left.returncode == 1 and "1 debug=true run(s) left out; --include-debug lists them" in left.stderr
+    shown = run_script(*table, "--include-debug")
+    assert shown.returncode == 0, explain(shown)
+    assert [r["run"] for r in read_csv(tmp_path / "a.csv")] == [str(run.relative_to(out))]
+
+
 # ---------------------------------------------------------------------- clean_result.py
 def test_clean_result_lists_useless_runs_and_deletes_only_with_delete(runs, tmp_path):
     out, found = runs

@@ -78,6 +78,33 @@ def test_bf16_autocast_runs_on_cpu_and_says_so(tmp_path):
     assert losses and all(0 < v < 10 for v in losses)
 
 
+def test_mixed_precision_alone_trains_in_fp32_on_a_cpu_without_native_bf16(monkeypatch, caplog):
+    """No such CPU here to run on: the detection is replaced, the decision and its one line are real."""
+    from src.engine import precision
+
+    cpu = torch.device("cpu")
+    mixed = OmegaConf.create({"mixed_precision": True, "precision": None})
+    monkeypatch.setattr(precision, "_cpu_has_native_bf16", lambda: False)
+    precision._say_fp32_instead.cache_clear()
+    with caplog.at_level("INFO", logger="template"):
+        assert precision.resolve_precision(mixed, cpu).name == "32"
+        assert precision.resolve_precision(mixed, cpu).name == "32"  # the test after training: said once
+    said = [r.getMessage() for r in caplog.records if "no native bf16" in r.getMessage()]
+    assert len(said) == 1 and "gpu.precision=bf16 forces bf16" in said[0]
+    explicit = OmegaConf.create({"mixed_precision": True, "precision": "bf16"})
+    assert precision.resolve_precision(explicit, cpu).name == "bf16"
+    monkeypatch.setattr(precision, "_cpu_has_native_bf16", lambda: True)
+    assert precision.resolve_precision(mixed, cpu).name == "bf16"
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads Linux's /proc/cpuinfo")
+def test_native_bf16_detection_agrees_with_the_kernels_cpu_flags():
+    from src.engine.precision import NATIVE_BF16, _cpu_has_native_bf16
+
+    words = set(Path("/proc/cpuinfo").read_text().split())
+    assert _cpu_has_native_bf16() == any(flag in words for flag in NATIVE_BF16)
+
+
 @pytest.mark.slow
 def test_compiled_model_trains_and_saves_plain_weights(tmp_path):
     run = train(tmp_path, *TINY, *MLP, "model.compile=true", "model.compile_backend=aot_eager")

@@ -44,11 +44,12 @@ def saved_uri(run_dir: Path) -> str:
 
 @pytest.fixture(scope="module")
 def tracked(tmp_path_factory):
-    """One short run with MLflow and TensorBoard on, as the defaults have them."""
+    """One short run with MLflow and TensorBoard on, as the defaults have them (system metrics sampled
+    every second instead of every 10, so that a run of seconds holds some)."""
     out = tmp_path_factory.mktemp("tracked")
     proc = run_script(
         "train.py", "config/dummy.yaml", f"output={out}", *SMALL, "logging.log_frequency=2",
-        env={"MLFLOW_TRACKING_URI": ""},
+        env={"MLFLOW_TRACKING_URI": "", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, explain(proc)
     return out, only_run_dir(out), proc
@@ -88,6 +89,31 @@ def test_mlflow_holds_the_finished_run(tracked, tmp_path):
     assert {"test/metrics.json", "test/classification_report.txt", "test/confusion_matrix.png"} <= tested
     copy = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
     assert Path(copy).read_text() == (run_dir / "config.yaml").read_text()
+
+
+def test_mlflow_holds_cpu_and_memory_use_over_time(tracked, tmp_path):
+    """logging.system_metrics (on by default): MLflow's sampler, read back from the store."""
+    import psutil
+
+    out, _, _ = tracked
+    client, run = only_mlflow_run(f"sqlite:///{out.resolve()}/mlflow.db")
+    cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    memory = client.get_metric_history(run.info.run_id, "system/system_memory_usage_megabytes")
+    assert cpu and memory, sorted(run.data.metrics)
+    assert [m.step for m in cpu] == list(range(len(cpu)))  # one step per sample
+    assert all(0 <= m.value <= 100 for m in cpu)
+    total_mb = psutil.virtual_memory().total / 1e6  # MLflow counts megabytes of 10^6 bytes
+    assert all(0 < m.value <= total_mb for m in memory)
+    assert not any(k.startswith("system/gpu") for k in run.data.metrics)  # no GPU here
+
+    off = tmp_path / "off"
+    proc = run_script("train.py", "config/dummy.yaml", f"output={off}", *SMALL, "logging.tensorboard=false",
+                      "logging.system_metrics=false",
+                      env={"MLFLOW_TRACKING_URI": "", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})  # fmt: skip
+    assert proc.returncode == 0, explain(proc)
+    client, run = only_mlflow_run(f"sqlite:///{off.resolve()}/mlflow.db")
+    assert "test_accuracy" in run.data.metrics
+    assert not any(k.startswith("system/") for k in run.data.metrics)
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import shlex
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def test_make_splits_stratified_disjoint_and_complete(demo_raw, tmp_path, capsys
     assert make_splits([str(root / "raw"), "--folds", "20", "--force"]) == 2
     err = capsys.readouterr().err
     assert (
-        err.startswith("error: class 'class_0'") and "fewer than --folds 20" in err and err.count("\n") == 1
+        err.startswith("error: class 'class_0'") and "remain for --folds 20" in err and err.count("\n") == 1
     )
     assert (splits / "test.txt").read_text() == before, "a refused --force must not touch the splits"
     assert make_splits([str(tmp_path / "nothing" / "raw")]) == 2
@@ -97,6 +98,23 @@ def test_make_splits_refuses_a_test_fraction_that_leaves_no_test_image(demo_raw,
     for word in words:
         assert word in proc.stderr, proc.stderr
     assert sorted(p.name for p in root.iterdir()) == ["raw"]  # no splits/, no half-written temp folder
+
+
+def test_make_splits_refuses_existing_splits_before_importing_torch(tmp_path):
+    (tmp_path / "raw" / "a").mkdir(parents=True)
+    (tmp_path / "splits").mkdir()
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['make_splits.py', {str(tmp_path / 'raw')!r}]\n"
+        "try:\n    runpy.run_path('script/make_splits.py', run_name='__main__')\n"
+        "except SystemExit as stop:\n    print(stop.code, 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["2", "False"], explain(proc)
+    assert proc.stderr == (
+        f"error: splits already exist at {tmp_path / 'splits'}; add --force to replace them (runs trained on "
+        "them would no longer match)\n"
+    )
 
 
 def test_image_folder_fold_and_run_dir_name(demo_raw, tmp_path):
@@ -155,6 +173,111 @@ def test_compare_matches_scipy_and_judges(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
 
 
+def cv_summary(path: Path, acc: list[float]) -> Path:
+    """A cross-validation directory holding only its cv_summary.csv (fold rows, then mean)."""
+    path.mkdir(parents=True)
+    with open(path / "cv_summary.csv", "w", newline="") as f:
+        rows = [[k, f"r{k}", a] for k, a in enumerate(acc)]
+        csv.writer(f).writerows([["fold", "run", "test_accuracy"], *rows, ["mean", "", 0]])
+    return path
+
+
+def test_compare_prints_t_and_each_folds_difference_and_no_verdict_where_the_test_is_degenerate(tmp_path):
+    from scipy.stats import ttest_rel
+
+    a = cv_summary(tmp_path / "a", [0.80, 0.81, 0.81])
+    b = cv_summary(tmp_path / "b", [0.83, 0.80, 0.84])
+    proc = run_script("script/compare.py", str(a), str(b))
+    assert proc.returncode == 0, explain(proc)
+    want = ttest_rel([0.83, 0.80, 0.84], [0.80, 0.81, 0.81])
+    assert "| metric | mean A | mean B | B - A | t | p (paired t) |" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == (
+        "no significant difference at alpha=0.05 on test_accuracy: B - A = +0.0167 (fold 0 +0.0300, "
+        f"fold 1 -0.0100, fold 2 +0.0300), t = {want.statistic:.3f}, p = {want.pvalue:.4g} (paired t-test over 3 folds)"
+    )
+    # Every fold +0.05: zero variance, no t statistic; before, this printed "B is better ... p = 0".
+    same = cv_summary(tmp_path / "same", [0.85, 0.86, 0.86])
+    proc = run_script("script/compare.py", str(a), str(same), "--json")
+    assert proc.returncode == 0, explain(proc)
+    out = json.loads(proc.stdout)
+    assert out["metrics"][0]["t"] is None and out["metrics"][0]["p_value"] is None
+    assert out["verdict"].startswith("no verdict on test_accuracy: B - A = +0.0500 (fold 0 +0.0500")
+    assert out["verdict"].endswith(
+        "the same difference on every fold, so the paired t-test is undefined (zero variance)"
+    )
+    table = run_script("script/compare.py", str(a), str(same)).stdout
+    assert "| undefined | undefined |" in table
+    # Two shared folds: a t-test with one degree of freedom gives no verdict.
+    two = cv_summary(tmp_path / "two", [0.90, 0.85])
+    line = run_script("script/compare.py", str(a), str(two)).stdout.strip().splitlines()[-1]
+    assert line.startswith("no verdict on test_accuracy") and line.endswith(
+        "a paired t-test needs at least 3 folds"
+    )
+
+
+def test_summary_directories_of_two_workflows_never_share_a_name_and_one_is_found_again(tmp_path):
+    from omegaconf import OmegaConf
+
+    from src.workflows import runs
+
+    cfg = OmegaConf.create({"output": str(tmp_path), "tag": None, "model": {"name": "SimpleCNN"},
+                            "dataset": {"name": "ImageFolder"}})  # fmt: skip
+    first = runs.summary_dir(cfg, "cv", "aaaaaa0123456789")
+    other = runs.summary_dir(cfg, "cv", "bbbbbb0123456789")  # other overrides, same model, no tag
+    assert re.fullmatch(r"\d{8}_\d{6}_cv_aaaaaa_SimpleCNN", first.name)
+    assert re.fullmatch(r"\d{8}_\d{6}_cv_bbbbbb_SimpleCNN", other.name)
+    assert runs.summary_dir(cfg, "cv", "aaaaaa0123456789") == first  # the same workflow again
+
+
+def test_compare_names_the_candidates_when_a_pattern_matches_several_and_latest_takes_the_newest(tmp_path):
+    old = cv_summary(tmp_path / "20260101_120000_cv_aaaaaa_SimpleCNN", [0.80, 0.81, 0.81])
+    new = cv_summary(tmp_path / "20260102_120000_cv_bbbbbb_SimpleCNN", [0.70, 0.70, 0.72])
+    wide = cv_summary(tmp_path / "20260101_130000_cv_cccccc_SimpleCNN_wide", [0.83, 0.80, 0.84])
+    proc = run_shell(f"python script/compare.py {tmp_path}/*_cv_*_SimpleCNN {tmp_path}/*_cv_*_SimpleCNN_wide")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (
+        f"error: A matches 2: {old}, {new}; name one directory per side, or add --latest to take the "
+        "newest of each\n"
+    )
+    proc = run_shell(
+        f"python script/compare.py {tmp_path}/*_cv_*_SimpleCNN {tmp_path}/*_cv_*_SimpleCNN_wide --latest"
+    )
+    assert proc.returncode == 0, explain(proc)
+    assert "B - A = +0.1167" in proc.stdout.splitlines()[-1]  # the newest A (mean 0.7067) against wide
+    proc = run_script("script/compare.py", str(old), str(new), str(wide), str(tmp_path / "x"))
+    assert (
+        proc.returncode == 2 and "do not split into A and B" in proc.stderr and proc.stderr.count("\n") == 1
+    )
+
+
+def test_sweep_points_equal_on_the_metric_are_ranked_by_the_monitored_loss(tmp_path):
+    """Three points at val_accuracy 1.0 list the lowest val_loss first, and the header says so."""
+    from omegaconf import OmegaConf
+
+    from src.workflows import runs
+    from src.workflows.sweep import tie_breaker, write_summary
+
+    base = OmegaConf.create({"checkpoint": {"monitor": "val_loss", "mode": "min"}})
+    jobs = []
+    for lr, acc, loss in (("1e-3", 1.0, 0.26), ("1e-2", 0.9, 0.01), ("3e-2", 1.0, 0.15), ("1e-1", 1.0, 0.20)):
+        run = tmp_path / f"run_lr{lr}"
+        (run / "test").mkdir(parents=True)
+        OmegaConf.save(base, run / "config.yaml")
+        (run / "metrics.jsonl").write_text(
+            json.dumps({"epoch": 1, "val_accuracy": acc, "val_loss": loss}) + "\n"
+        )
+        (run / "test" / "metrics.json").write_text(json.dumps({"test_accuracy": acc}))
+        jobs.append(runs.Job(f"lr={lr}", [], base, run_dir=run, extra={"point": [("optimizer.lr", lr)]}))
+    assert tie_breaker(base, "val_accuracy") == "val_loss" and tie_breaker(base, "val_loss") is None
+    write_summary(
+        tmp_path, [("optimizer.lr", [])], jobs, "val_accuracy", "max", tie_breaker(base, "val_accuracy")
+    )
+    with open(tmp_path / "sweep_summary.csv", newline="") as f:
+        assert [r["optimizer.lr"] for r in csv.DictReader(f)] == ["3e-2", "1e-1", "1e-3", "1e-2"]
+    text = (tmp_path / "sweep_summary.md").read_text()
+    assert text.startswith("# Sweep: 4 point(s), sorted by val_accuracy (max), ties by val_loss (min)\n")
+
+
 def bash_blocks(text: str) -> list[str]:
     commands = []
     for body in re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M):
@@ -173,7 +296,7 @@ def test_workflows_doc_runs_end_to_end(tmp_path):
         os.symlink(ROOT / name, work / name)
     env = shell_env(tmp_path, MLFLOW_TRACKING_URI="")
     commands = bash_blocks((ROOT / "docs" / "workflows.md").read_text())
-    assert len(commands) == 7 and commands[-1].startswith("python script/compare.py")
+    assert len(commands) == 8 and commands[-1].startswith("python script/compare.py")
     outputs = []
     for command in commands:
         command = command.replace(
@@ -188,8 +311,10 @@ def test_workflows_doc_runs_end_to_end(tmp_path):
     assert len(runs) == 1 + 2 + 1 + 2, runs  # fold 0 of the first CV reuses the quick fold-0 run
     assert "fold 0: finished in" in outputs[4] and "skipped" in outputs[4]
 
-    cv = next(p for p in folder.iterdir() if p.name.endswith("_cv_SimpleCNN"))
-    wide = next(p for p in folder.iterdir() if p.name.endswith("_cv_SimpleCNN_wide"))
+    cv = next(p for p in folder.iterdir() if re.fullmatch(r"\d{8}_\d{6}_cv_[0-9a-f]{6}_SimpleCNN", p.name))
+    wide = next(
+        p for p in folder.iterdir() if re.fullmatch(r"\d{8}_\d{6}_cv_[0-9a-f]{6}_SimpleCNN_wide", p.name)
+    )
     assert sorted(p.name for p in (wide / "logs").iterdir()) == [
         "fold_0.out",
         "fold_1.out",
@@ -206,7 +331,9 @@ def test_workflows_doc_runs_end_to_end(tmp_path):
         values = [t[metric] for t in tests]
         assert float(rows["mean"][metric]) == pytest.approx(statistics.mean(values), abs=1e-12)
         assert float(rows["std"][metric]) == pytest.approx(statistics.stdev(values), abs=1e-12)  # ddof=1
-    assert re.search(r"(B|A) is better at|no significant difference", outputs[-1].strip().splitlines()[-1])
+    # two folds here (the doc has three): too few pairs for a verdict, and the line says so
+    assert outputs[-1].strip().splitlines()[-1].startswith("no verdict on test_accuracy: B - A = ")
+    assert outputs[-1].strip().endswith(("a paired t-test needs at least 3 folds", "(zero variance)"))
 
     from mlflow.tracking import MlflowClient
 
@@ -276,7 +403,7 @@ def test_sweep_killed_and_rerun_finishes_only_missing_points(tmp_path):
     dirs = point_dirs(out)
     assert sorted(dirs) == ["SimpleCNN_dummy_lr1e-3", "SimpleCNN_dummy_lr2e-3", "SimpleCNN_dummy_lr3e-3"]
     assert dirs["SimpleCNN_dummy_lr2e-3"] == second and (first / "summary.txt").stat().st_mtime_ns == stamp
-    summary = next(out.glob("*/*_sweep_SimpleCNN_dummy/sweep_summary.csv"))
+    summary = next(out.glob("*/*_sweep_*_SimpleCNN_dummy/sweep_summary.csv"))
     with open(summary, newline="") as f:
         table = list(csv.DictReader(f))
     assert sorted(r["optimizer.lr"] for r in table) == ["1e-3", "2e-3", "3e-3"]

@@ -141,6 +141,7 @@ class LoggingConfig:
     mlflow_tracking_uri: str | None = None  # unset: $MLFLOW_TRACKING_URI, else sqlite under `output`
     experiment_name: str | None = None  # unset: the dataset name
     progress_bar: bool = True
+    system_metrics: bool = True  # CPU, RAM, GPU use into the MLflow run, sampled by its tracking process
 
 
 @dataclass

@@ -18,6 +18,7 @@ log = logging.getLogger("template")
 MAX_AUTO_WORKERS = 8
 DATA_WAIT_LIMIT = 0.2  # share of step time spent waiting for data above which the warning fires
 DATA_WAIT_WINDOWS = 3  # consecutive logging windows above the limit before it does
+DATA_WAIT_SECONDS = 5.0  # ... and only when those windows waited this long in all: a wait that costs time
 
 
 def cpu_cores() -> int:
@@ -57,26 +58,48 @@ def resolve_workers(cfg: dict[str, Any], device_type: str) -> tuple[int, bool]:
 
 
 class DataWaitWatch:
-    """Warns once when the training loop keeps waiting for data: `data_wait_share` above 0.2 in
-    three logging windows in a row. Fed the metrics of every logging window (`observe`)."""
+    """Warns once when the training loop keeps waiting for data: `data_wait_share` above 0.2 in three
+    logging windows in a row that waited 5 s or more in all (a tiny data set's epochs of milliseconds
+    never cost that). Fed the metrics of every logging window and its length (`observe`).
 
-    def __init__(self, limit: float = DATA_WAIT_LIMIT, windows: int = DATA_WAIT_WINDOWS) -> None:
-        self.limit, self.windows = limit, windows
-        self.streak = 0
+    `configured` is the `dataloader.num_workers` setting (a number or "auto"), `workers` what it gave,
+    so the advice never asks for what the run already has."""
+
+    def __init__(
+        self,
+        configured: Any = None,
+        workers: int | None = None,
+        limit: float = DATA_WAIT_LIMIT,
+        windows: int = DATA_WAIT_WINDOWS,
+        seconds: float = DATA_WAIT_SECONDS,
+    ) -> None:
+        self.configured, self.workers = configured, workers
+        self.limit, self.windows, self.seconds = limit, windows, seconds
+        self.streak: list[float] = []  # seconds waited in each window of the current streak
         self.warned = False
 
-    def observe(self, metrics: dict[str, float], num_workers: int | None = None) -> str | None:
-        """The warning to log (once per run), or None."""
+    def observe(self, metrics: dict[str, float], elapsed: float) -> str | None:
+        """The warning to log (once per run), or None; `elapsed`: the window's length in seconds."""
         share = metrics.get("data_wait_share")
         if share is None or self.warned:
             return None
-        self.streak = self.streak + 1 if share > self.limit else 0
-        if self.streak < self.windows:
+        self.streak = [*self.streak, share * elapsed][-self.windows :] if share > self.limit else []
+        if len(self.streak) < self.windows or sum(self.streak) < self.seconds:
             return None
         self.warned = True
-        now = f" (now {num_workers})" if num_workers is not None else ""
+        waited = f"waited for data {share:.0%} of the time ({sum(self.streak):.0f} s over the last {self.windows} logging windows)"
+        cheaper = "make the dataset's __getitem__ cheaper (decode once, cache, move augmentation to the GPU)"
+        if str(self.configured).strip().lower() == "auto":
+            why = (
+                "workers would take the cores training uses on a CPU-only run"
+                if self.workers == 0
+                else "min(8, this process's share of the CPU cores)"
+            )
+            return (
+                f"the training loop {waited}: dataloader.num_workers=auto chose {self.workers} ({why}); "
+                f"set a number instead (dataloader.num_workers=4), or {cheaper}"
+            )
+        now = f" (now {self.workers})" if self.workers is not None else ""
         return (
-            f"the training loop waited for data {share:.0%} of the time over the last {self.windows} logging "
-            f"windows: raise dataloader.num_workers{now}, or set it to auto, or make the dataset's "
-            "__getitem__ cheaper (decode once, cache, move augmentation to the GPU)"
+            f"the training loop {waited}: raise dataloader.num_workers{now}, or set it to auto, or {cheaper}"
         )

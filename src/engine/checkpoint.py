@@ -372,9 +372,8 @@ class Checkpointer:
                 )
             self.optimizer.load_state_dict(state["optimizer"])
         if plan is not None and self.schedule is not None:
-            before, after = self.schedule.apply_plan(plan)
-            log.info("schedule re-planned: %d -> %d epochs, lr %.6g -> %.6g (%s)",
-                     state["progress"]["planned_epochs"], self.epochs, before, after, self.schedule.name)  # fmt: skip
+            lrs = self.schedule.apply_plan(plan)
+            log.info(self.schedule.replan_line(state["progress"]["planned_epochs"], self.epochs, *lrs))
         elif self.schedule is not None and state.get("scheduler") is not None:
             self.schedule.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])

@@ -47,7 +47,9 @@ class LogWindow:
         self.parts: dict[str, torch.Tensor] = {}
         self.steps, self.start, self.data_wait, self.carried = 0, time.perf_counter(), 0.0, 0
         self.trackers: Any = None  # rank 0's, once started
-        self.data_wait_watch = DataWaitWatch()  # warns when the loop keeps waiting for batches
+        # Warns when the loop keeps waiting for batches; the trainer gives it the loader's settings.
+        self.data_wait_watch = DataWaitWatch()
+        self.last_window_s = 0.0  # the last flushed window's length
         # A bar on a terminal only: piped output and train.log get the plain log lines instead.
         self.bars = ctx.is_main and show_bars and sys.stderr.isatty()
 
@@ -105,18 +107,24 @@ class LogWindow:
         """Mid-epoch checkpoint: keep the unlogged sums so the resumed window is whole."""
         progress.window_loss_sum, progress.window_samples, progress.window_parts = self.totals()
 
-    def flush(self, progress: TrainState, lr: Any, grad_norm: Any, short_ok: bool) -> dict[str, float]:
-        """The window's metrics (loss, parts, lr, rates); its sums go into the epoch's, and it starts afresh."""
+    def flush(
+        self, progress: TrainState, lrs: dict[str, Any], grad_norm: Any, short_ok: bool
+    ) -> dict[str, float]:
+        """The window's metrics (loss, parts, lr, rates); its sums go into the epoch's, and it starts afresh.
+
+        `lrs`: each optimizer group's lr by name; `lr` is the first group's, and with several groups
+        each also has its own `lr/<name>`."""
         loss_total, sample_total, parts = self.totals()
         progress.epoch_loss_sum += loss_total
         progress.epoch_samples += sample_total
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        elapsed = self.last_window_s = max(time.perf_counter() - self.start, 1e-9)
         carried, self.carried = self.carried, 0
         timed = sample_total - carried  # throughput counts only what this process trained in `elapsed`
         metrics = {
             "train_loss": loss_total / max(sample_total, 1),
             **{f"train_loss_{n}": v / max(sample_total, 1) for n, v in parts.items()},
-            "lr": lr,
+            "lr": next(iter(lrs.values())),
+            **({f"lr/{name}": lr for name, lr in lrs.items()} if len(lrs) > 1 else {}),
             "samples_per_sec": timed / elapsed,
             "step_time": elapsed / max(self.steps, 1),
             "data_wait_share": min(1.0, self.data_wait / elapsed),
@@ -148,7 +156,7 @@ class LogWindow:
         if self.ctx.is_main:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
             log.info("epoch %d step %d: %s", progress.epoch + 1, progress.global_step, shown)
-            if advice := self.data_wait_watch.observe(metrics):
+            if advice := self.data_wait_watch.observe(metrics, self.last_window_s):
                 log.warning(advice)
 
     def progress(self, total: int, desc: str) -> Any:

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from src.optim.param_groups import group_name
+
 log = logging.getLogger("template")
 
 
@@ -33,7 +35,11 @@ def in_background(fn: Any, *args: Any) -> concurrent.futures.Future:
     return job
 
 
-def step_lr(optimizer: torch.optim.Optimizer) -> Any:
-    """The first group's lr now; a tensor lr (schedulers update those in place) is copied, without a sync."""
-    lr = optimizer.param_groups[0]["lr"]
-    return lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
+def step_lr(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Every group's lr now, by group name, the first group first; a tensor lr (schedulers update those
+    in place) is copied, without a sync."""
+    lrs = {}
+    for i, group in enumerate(optimizer.param_groups):
+        lr = group["lr"]
+        lrs[group_name(group, i)] = lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
+    return lrs

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,9 +42,16 @@ class Precision:
 
 
 def resolve_precision(gpu_cfg: Any, device: torch.device) -> Precision:
-    """gpu.precision wins when set; `mixed_precision: true` alone picks bf16 where supported, else fp16."""
+    """gpu.precision wins when set; `mixed_precision: true` alone picks bf16 where supported, else fp16.
+
+    On a CPU without native bf16 matmul, `mixed_precision: true` alone means fp32: emulated bf16
+    autocast is several times slower there, and the flag asks for speed, not for a dtype.
+    """
     if gpu_cfg.precision is not None:
         name = PRECISIONS[str(gpu_cfg.precision).lower()]
+    elif gpu_cfg.mixed_precision and device.type == "cpu" and not _cpu_has_native_bf16():
+        _say_fp32_instead()
+        name = "32"
     elif gpu_cfg.mixed_precision:
         bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
         name = "bf16" if bf16_ok else "16"
@@ -58,11 +67,35 @@ def resolve_precision(gpu_cfg: Any, device: torch.device) -> Precision:
     return Precision(name, device_type)
 
 
+@functools.cache
+def _say_fp32_instead() -> None:
+    """Once per process: training and the test after it resolve the precision each."""
+    log.info(
+        "gpu.mixed_precision: this CPU (%s) has no native bf16 matmul (AMX or AVX512-BF16), where "
+        "autocast runs slower than fp32: training in fp32; gpu.precision=bf16 forces bf16",
+        torch.backends.cpu.get_cpu_capability(),
+    )
+
+
+# CPU features that compute bf16 products in hardware: x86 AMX and AVX512-BF16, Arm's BF16 extension.
+NATIVE_BF16 = ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16")
+
+
 def _cpu_has_native_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
+    """Whether this CPU multiplies bf16 in hardware (oneDNN's own check also says yes to plain AVX512,
+    which only emulates it)."""
+    get = getattr(torch.cpu, "get_capabilities", None)  # cpuinfo's flags; torch >= 2.6 on most builds
+    if get is not None:
+        try:
+            caps = get()
+            return any(bool(caps.get(flag)) for flag in NATIVE_BF16)
+        except RuntimeError:
+            pass
+    try:  # Linux: the kernel's flag list ("flags" on x86, "Features" on Arm)
+        words = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
         return False
+    return any(flag in words for flag in NATIVE_BF16)
 
 
 def configure_backends(gpu_cfg: Any) -> None:

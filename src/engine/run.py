@@ -58,6 +58,11 @@ def train_main(
     ctx = dist_utils.setup(cfg)
     setup_logging(None, ctx.rank, debug=bool(cfg.debug))
     run_dir, resume, fresh, lock = _plan(cfg, config_path, overrides, ctx)  # rank 0 holds the run's lock
+    if not fresh and _finished(run_dir, resume, int(cfg.epoch), ctx):
+        dist_utils.cleanup()
+        if lock is not None:
+            lock.release()
+        return 0
     cfg = OmegaConf.merge(cfg, {"run_dir": str(run_dir)})
     if ctx.is_main:
         cfg = resolve_uri(cfg)
@@ -105,12 +110,14 @@ def train_main(
         log.warning("stopped; resume with: %s", resume_command(run_dir))
         raise
     except TemplateError as err:
-        log.error("run failed: %s", err)
-        # Failing in set-up (bad argument, missing data, unfit checkpoint) leaves no half-made directory.
+        # Failing in set-up (bad argument, missing data, unfit checkpoint) leaves no half-made directory,
+        # and the error is said once, by the caller's `error:` line; a kept run's train.log records it.
         started = trainer.state.global_step > 0 or (run_dir / "checkpoints").exists()
         if fresh and ctx.is_main and not started:
             _discard(run_dir, trainer)
             status = "DISCARDED"
+        else:
+            log.error("run failed: %s", err)
         raise
     except RuntimeError as err:
         op = nondeterministic_op(err)
@@ -335,6 +342,31 @@ def _say_failed(run_dir: Path) -> None:
                   "checkpoint.allow_restart=true", resume_command(run_dir))  # fmt: skip
 
 
+def _finished(run_dir: Path, state: dict | None, epochs: int, ctx: Any) -> bool:
+    """A run that trained all its epochs (or that early stopping ended) and was tested, resumed without a
+    larger `epoch`: say so and how to go on, and touch nothing (a run cut before its test is tested)."""
+    progress = (state or {}).get("progress")
+    if progress is None or state.get("weights_only"):
+        return False
+    done = int(progress.get("epoch", 0))
+    stopped = bool(progress.get("early_stopped")) and epochs <= int(progress.get("planned_epochs") or epochs)
+    summary = run_dir / "summary.txt"
+    tested = dist_utils.broadcast_object(summary.is_file() if ctx.is_main else None)
+    if not tested or (done < epochs and not stopped):
+        return False
+    how = (
+        f"early stopping ended it at epoch {done} of {epochs}"
+        if done < epochs
+        else f"it trained {done} epoch(s)"
+    )
+    log.info(
+        "this run is finished (%s, tested; see %s) and nothing was changed; to train it longer: %s epoch=<more "
+        "than %d>; to test it again: python test.py %s/config.yaml",
+        how, summary, resume_command(run_dir), max(done, epochs), run_dir,
+    )  # fmt: skip
+    return True
+
+
 def _state_to_continue(cfg: DictConfig) -> dict[str, Any]:
     """checkpoint.resume_from: the whole training state of another run, in this new directory."""
     state = load_checkpoint(cfg.checkpoint.resume_from)
@@ -399,6 +431,7 @@ def _discard(run_dir: Path, trainer: Trainer) -> None:
     if trainer.trackers is not None:
         trainer.trackers.finish("FAILED")
         trainer.trackers = None
+    log.info("removed %s: the run stopped before its first step", run_dir)
     logging.getLogger("template").handlers.clear()
     shutil.rmtree(run_dir, ignore_errors=True)
     parent = run_dir.parent

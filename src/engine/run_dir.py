@@ -40,11 +40,14 @@ def run_dir_of(config_path: Path) -> Path:
 
 
 def new_run_dir(cfg: DictConfig) -> Path:
-    """result/<dataset>/<YYYYMMDD_HHMMSS>_<model>[_<tag>][_fold<k>]/, made unique if two runs start in one second."""
+    """result/<dataset>/<YYYYMMDD_HHMMSS>_<model>[_<tag>][_fold<k>][_debug]/, made unique if two runs start in
+    one second. `_debug` marks a debug=true smoke test, which aggregate_results.py leaves out."""
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     name = f"{stamp}_{_slug(cfg.model.name)}" + (f"_{_slug(cfg.tag)}" if cfg.tag else "")
     if cfg.dataset.get("fold") is not None:  # a cross-validation fold (ImageFolder with splits/)
         name += f"_fold{_slug(cfg.dataset.fold)}"
+    if cfg.get("debug"):
+        name += "_debug"
     parent = Path(cfg.output) / _slug(cfg.dataset.name)
     try:
         parent.mkdir(parents=True, exist_ok=True)

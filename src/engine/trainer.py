@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from src.data import transforms_for
+from src.data.workers import DataWaitWatch
 from src.engine import distributed as dist_utils
 from src.engine.batch import batch_size, rank_batch_sizes, split_batch, to_device, total_loss
 from src.engine.batchnorm import RECOMPUTE_BATCHES, batchnorm_layers, recompute_batchnorm, recompute_loader
@@ -51,6 +52,7 @@ from src.evaluators import build_evaluator
 from src.models import build_loss, build_model, check_output_size
 from src.models.freezing import plan_unfreezing
 from src.optim import build_optimizer, build_scheduler, is_schedule_free, set_optimizer_mode
+from src.optim.param_groups import describe as describe_groups
 from src.optim.param_groups import mark_base_lrs, unfreeze_due
 from src.tracking.console import plural
 from src.tracking.start import activate_mlflow, prestart_mlflow, start_trackers
@@ -97,7 +99,7 @@ class Trainer:
         self.window: Any = None
         self.evaluator_job: concurrent.futures.Future | None = None  # started with the first batch
         self.profiler: Any = None
-        self.step_lr: Any = None  # the lr of the last optimizer step, as logged
+        self.step_lr: Any = None  # each group's lr at the last optimizer step, as logged
         self.grad_norm: torch.Tensor | None = None
         self.on_epoch_end: Any = None  # (epoch, metrics) -> None on every rank: Ray Train's report
 
@@ -353,6 +355,8 @@ class Trainer:
             self.params = unfreeze_due(
                 self.stages, self.raw_model, self.optimizer, self.schedule, int(progress.get("epoch", 0))
             )
+        for line in describe_groups(self.raw_model, self.optimizer, cfg, self.stages):
+            log.info(line)
         parts = {"raw_model": self.raw_model, "optimizer": self.optimizer, "schedule": self.schedule,
                  "scaler": self.scaler, "ema": self.ema, "privacy": self.privacy}  # fmt: skip
         self.checkpointer = Checkpointer(cfg, ctx, self.run_dir, parts, self.state, self.epochs)
@@ -381,6 +385,7 @@ class Trainer:
         flops = train_flops_per_sample(build, sample, int(cfg.batch), self.loss_fn) if peak else None
         self.window = LogWindow(ctx, self.log_every, flops, peak, bool(cfg.logging.progress_bar))
         self.window.trackers = self.trackers
+        self.window.data_wait_watch = DataWaitWatch(cfg.dataloader.num_workers, self.train.loader.num_workers)
         self.profiler = start_profiler(cfg.profiling, ctx, self.run_dir)
         self.step_lr = step_lr(self.optimizer)
         gc.freeze()  # set-up's objects (modules, imports) leave the collector's view: no long pauses later

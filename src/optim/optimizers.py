@@ -58,12 +58,16 @@ def build_optimizer(section: Mapping[str, Any] | str, model: nn.Module) -> torch
         decay = [p for n, p in named if id(p) not in skip and not n.endswith("bias") and p.ndim > 1]
         kept = {id(p) for p in decay}
         plain = [p for _, p in named if id(p) not in kept]
-        params = [{"params": decay}] if decay else []
+        params = [{"params": decay, "name": "default"}] if decay else []
         if plain:
-            params.append({"params": plain, "weight_decay": 0.0})
+            params.append({"params": plain, "weight_decay": 0.0, "name": "no_decay"})
         params += groups
     else:
-        params = [{"params": [p for _, p in named]}, *groups] if groups else [p for _, p in named]
+        params = (
+            [{"params": [p for _, p in named], "name": "default"}, *groups]
+            if groups
+            else [p for _, p in named]
+        )
     try:
         return OPTIMIZER_REGISTRY.build(kwargs, params=params)
     except AssertionError as err:  # lion-pytorch validates with assert

@@ -8,7 +8,9 @@ value scaled by the ratio of the two configured lrs, so each scheduler goes on s
 
 from __future__ import annotations
 
+import fnmatch
 import logging
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -52,9 +54,49 @@ def split_groups(
         if not mine:
             raise ConfigError(f"{where}.params: every parameter it matches is already in an earlier group")
         taken.update(mine)
-        groups.append({"params": [by_name[n] for n in mine], **settings})
+        groups.append(
+            {"params": [by_name[n] for n in mine], **settings, "name": _pattern_name(spec["params"], i)}
+        )
     rest = [(n, p) for n, p in named if n not in taken]
     return groups, rest
+
+
+def _pattern_name(patterns: Sequence[str], index: int) -> str:
+    """A group's name in logs and metric keys (`lr/<name>`): its first pattern without glob characters."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(patterns[0])).strip("._")
+    return name or f"group{index}"
+
+
+def group_name(group: dict[str, Any], index: int) -> str:
+    """The name a group was given at build time (`default`, a pattern, `unfrozen_epoch3`), else its index."""
+    return str(group.get("name") or f"group{index}")
+
+
+def describe(
+    model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Any, stages: Sequence[UnfreezeStage]
+) -> list[str]:
+    """The start-of-run lines of a fine-tuning set-up: what is frozen (by which pattern), what unfreezes
+    when, and each optimizer group's lr. Nothing when every parameter trains in one group."""
+    named = dict(model.named_parameters())
+    names = list(named)
+    lines = []
+    frozen = [n for n in names if not named[n].requires_grad]
+    if frozen:
+        counts = [f"'{p}' {len(fnmatch.filter(frozen, p))}" for p in cfg.model.get("freeze") or []]
+        lines.append(
+            f"frozen at start: {len(frozen)} of {len(names)} parameter tensors "
+            f"({sum(named[n].numel() for n in frozen):,} values)"
+            + (f"; by {', '.join(counts)}" if counts else "")
+        )
+    for stage in stages:
+        lines.append(f"unfreezes at the start of epoch {stage.epoch + 1}: {len(stage.names)} parameter tensors "
+                     f"({stage.names[0]} ...) at lr x {stage.lr_scale:g}")  # fmt: skip
+    groups = optimizer.param_groups
+    if len(groups) > 1:
+        lines.append("optimizer groups: " + ", ".join(
+            f"{group_name(g, i)} lr {float(g['lr']):.4g} ({len(g['params'])} tensors)" for i, g in enumerate(groups)
+        ))  # fmt: skip
+    return lines
 
 
 def mark_base_lrs(optimizer: torch.optim.Optimizer) -> None:
@@ -68,9 +110,13 @@ def mark_base_lrs(optimizer: torch.optim.Optimizer) -> None:
 
 
 def add_group(
-    optimizer: torch.optim.Optimizer, schedule: Any, params: list[nn.Parameter], lr_scale: float
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+    params: list[nn.Parameter],
+    lr_scale: float,
+    name: str = "",
 ) -> None:
-    """Add `params` as a new group at the top-level lr x `lr_scale`, at the schedule's current point."""
+    """Add `params` as a new group (`name`) at the top-level lr x `lr_scale`, at the schedule's current point."""
     first = optimizer.param_groups[0]
     base = float(optimizer.defaults["lr"]) * lr_scale
     ratio = base / float(first.get("base_lr", first["lr"]))
@@ -81,6 +127,7 @@ def add_group(
         elif key != "params" and key not in optimizer.defaults:  # a scheduler's own keys (OneCycle's momenta)
             group[key] = value
     group["base_lr"] = base
+    group["name"] = name or f"group{len(optimizer.param_groups)}"
     optimizer.add_param_group(group)
     for scheduler in _schedulers(schedule):
         for attr in SCHEDULER_LISTS:
@@ -106,7 +153,7 @@ def unfreeze_due(
     for stage in stages:
         if stage.epoch <= epoch and not named[stage.names[0]].requires_grad:
             new = [named[n].requires_grad_(True) for n in stage.names]
-            add_group(optimizer, schedule, new, stage.lr_scale)
+            add_group(optimizer, schedule, new, stage.lr_scale, f"unfrozen_epoch{stage.epoch + 1}")
             log.info("epoch %d: unfroze %d parameter tensors (%s ...) at lr x %g",
                      epoch + 1, len(new), stage.names[0], stage.lr_scale)  # fmt: skip
     return [p for p in model.parameters() if p.requires_grad]

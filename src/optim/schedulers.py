@@ -163,6 +163,18 @@ class LRSchedule:
             groups[i].update(values)
         return before, float(groups[0]["lr"])
 
+    def replan_line(self, old_epochs: int, new_epochs: int, before: float, after: float) -> str:
+        """The log's one line for a re-plan: the lr training goes on at, or that nothing changed.
+
+        The old plan's value at this point is not shown: at the end of a cosine it is 0, which reads
+        as if the run had trained at 0 when its last epoch's lr was larger."""
+        if math.isclose(before, after, rel_tol=1e-9, abs_tol=0.0):
+            return (
+                f"epoch {old_epochs} -> {new_epochs}: {self.name} does not depend on the run length, its "
+                f"learning rate goes on unchanged (lr {after:.6g})"
+            )
+        return f"schedule re-planned: {old_epochs} -> {new_epochs} epochs ({self.name}): training goes on at lr {after:.6g}"
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the position; a length derived from the run keeps this run's value (train longer)."""
         keep = {a: getattr(self._main, a) for a in self._run_length_attrs}

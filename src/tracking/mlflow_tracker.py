@@ -173,6 +173,11 @@ class MlflowTracker(Tracker):
         if self._accepting():
             self._outbox.put(("image", name, png, step))
 
+    def log_system_metrics(self) -> None:
+        """Sample CPU, RAM and GPU use into this run from the tracking process (system_metrics.py)."""
+        if self._accepting():
+            self._outbox.put(("system_metrics",))
+
     def state(self) -> dict[str, Any]:
         """The events a checkpoint taken now covers, and the run id once the child has opened the run.
 

@@ -49,6 +49,7 @@ class Worker:
         self.status_before: str | None = None  # a reopened run's status, restored by finish(None)
         # Events in the order the tracker holds them; True marks one the store already has.
         self.backlog: list[tuple[Event, bool]] = []
+        self.monitor: Any = None  # MLflow's system metrics thread (logging.system_metrics)
 
     def connect(self) -> None:
         """Import MLflow and open the store (creating or migrating a sqlite file) before any run is asked for."""
@@ -217,7 +218,16 @@ class Worker:
             file.write_bytes(png)
             self.client.log_artifact(self.run_id, str(file), artifact_path=str(where.parent))
 
+    def system_metrics(self) -> None:
+        from src.tracking.system_metrics import start_monitor
+
+        self.monitor, problem = start_monitor(self.run_id, self.uri)
+        if problem:
+            self.warn(f"MLflow: {problem}")
+
     def finish(self, status: str | None) -> None:
+        if self.monitor is not None:  # its last samples go in before the run is closed
+            self.monitor.finish()
         if self.run_id is not None:
             try:
                 self.drain()

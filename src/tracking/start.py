@@ -52,6 +52,8 @@ def start_trackers(cfg: DictConfig, run_dir: Path, saved: dict | None, step: int
         )
     if cfg.logging.mlflow:
         tags = {"tag": str(cfg.tag), "run_dir": str(run_dir), "host": socket.gethostname(), **_git_tags()}
+        # debug=true smoke tests say so; the UI's search `tags.debug = 'false'` hides them
+        tags["debug"] = str(bool(cfg.get("debug"))).lower()
         if cfg.dataset.get("fold") is not None:
             tags["fold"] = str(cfg.dataset.fold)
         if os.environ.get(PARENT_RUN_ENV):  # started by script/cross_validate.py or sweep.py: nest under it
@@ -60,6 +62,8 @@ def start_trackers(cfg: DictConfig, run_dir: Path, saved: dict | None, step: int
         mlflow = MlflowTracker(
             cfg.logging.mlflow_tracking_uri, experiment_name(cfg), run_dir.name, tags, run_id=run_id
         )
+        if cfg.logging.get("system_metrics"):
+            mlflow.log_system_metrics()
         trackers.append(mlflow)  # activate_mlflow() points user code at it once it is needed
     multi = MultiTracker(trackers)
     if saved:

@@ -1,6 +1,6 @@
 """Train every fold of a config as ordinary result directories, then summarise them side by side.
 
-The summary directory <output>/<dataset>/<ts>_cv_<model>[_<tag>]/ holds cv_summary.csv and .md
+The summary directory <output>/<dataset>/<ts>_cv_<hash>_<model>[_<tag>]/ holds cv_summary.csv and .md
 (each fold's validation metrics at its best checkpoint and its test metrics, then their mean and
 sample standard deviation, ddof=1) and cv.json; with MLflow on, one parent run holds the folds.
 """

@@ -117,6 +117,34 @@ def lr_range_test(
     return result
 
 
+def plot(result: LRFindResult, title: str) -> Any:
+    """The loss against the lr (log scale) with the suggestion, as a matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(result.lrs, result.losses, alpha=0.3, label="loss")
+    ax.plot(result.lrs, result.smoothed, label="smoothed loss")
+    if result.suggestion is not None:  # 3 significant digits: the value to paste as optimizer.lr
+        ax.axvline(
+            result.suggestion, color="red", linestyle="--", label=f"suggested lr {result.suggestion:.3g}"
+        )
+    if result.smoothed:  # keep the diverging tail from flattening the interesting part
+        lowest = result.smoothed.index(min(result.smoothed))
+        ax.set_ylim(top=max(max(result.smoothed[: lowest + 1]), result.smoothed[lowest]) * 1.5)
+    if result.losses and min(result.losses) >= 0:  # a loss that is never negative: no axis below 0
+        ax.set_ylim(bottom=max(ax.get_ylim()[0], 0.0))
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
 def suggest(lrs: list[float], smoothed: list[float]) -> float | None:
     """The lr of the steepest fall of the smoothed loss (per unit of log lr) before its minimum."""
     if len(lrs) < 5:
@@ -152,28 +180,10 @@ def write_outputs(result: LRFindResult, cfg: DictConfig, stamp: str | None = Non
         writer.writerow(["step", "lr", "loss", "smoothed_loss"])
         for i, row in enumerate(zip(result.lrs, result.losses, result.smoothed, strict=True)):
             writer.writerow([i, *(f"{v:.8g}" for v in row)])
-    import matplotlib
-
-    matplotlib.use("Agg")
+    fig = plot(result, f"LR range test: {cfg.model.name} on {cfg.dataset.name}")
+    fig.savefig(folder / "lr_find.png", dpi=100)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(result.lrs, result.losses, alpha=0.3, label="loss")
-    ax.plot(result.lrs, result.smoothed, label="smoothed loss")
-    if result.suggestion is not None:
-        ax.axvline(
-            result.suggestion, color="red", linestyle="--", label=f"suggested lr {result.suggestion:.2g}"
-        )
-    if result.smoothed:  # keep the diverging tail from flattening the interesting part
-        lowest = result.smoothed.index(min(result.smoothed))
-        ax.set_ylim(top=max(max(result.smoothed[: lowest + 1]), result.smoothed[lowest]) * 1.5)
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("training loss")
-    ax.set_title(f"LR range test: {cfg.model.name} on {cfg.dataset.name}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "lr_find.png", dpi=100)
     plt.close(fig)
     OmegaConf.save(cfg, folder / "lr_find_config.yaml")
     return folder

@@ -267,11 +267,13 @@ def write_text(path: Path, text: str) -> None:
 
 # ---------------------------------------------------------------------- the summary directory
 def summary_dir(cfg: DictConfig, kind: str, key: str) -> Path:
-    """<output>/<dataset>/<ts>_<kind>_<model>[_<tag>]/ of this workflow: the one made before, or a new one."""
+    """<output>/<dataset>/<ts>_<kind>_<key6>_<model>[_<tag>]/ of this workflow: the one made before, or a
+    new one. The first 6 characters of the settings' digest tell apart two workflows of the same model
+    and tag (other overrides, another config), so no two share a name beyond the stamp."""
     folder = dataset_folder(cfg)
-    suffix = f"_{kind}_{_slug(cfg.model.name)}" + (f"_{_slug(cfg.tag)}" if cfg.tag else "")
+    suffix = f"_{kind}_{key[:6]}_{_slug(cfg.model.name)}" + (f"_{_slug(cfg.tag)}" if cfg.tag else "")
     if folder.is_dir():
-        for state in sorted(folder.glob(f"*{suffix}*/{kind}.json"), reverse=True):
+        for state in sorted(folder.glob(f"*_{kind}_{key[:6]}_*/{kind}.json"), reverse=True):
             try:
                 if json.loads(state.read_text()).get("key") == key:
                     return state.parent

@@ -53,7 +53,7 @@ def make_splits(
     classes = list_images(raw)
     splits = raw.parent / "splits"
     if splits.exists() and not force:
-        raise ConfigError(
+        raise ConfigError(  # script/make_splits.py says the same before importing torch
             f"splits already exist at {splits}; add --force to replace them (runs trained on them "
             "would no longer match)"
         )
@@ -67,8 +67,9 @@ def make_splits(
         n_test = round(test_fraction * len(files))
         if len(files) - n_test < folds:
             raise ConfigError(
-                f"class '{name}' in {raw} has {len(files)} image(s), {len(files) - n_test} left after the test "
-                f"share: fewer than --folds {folds}; add images, or use fewer folds or a smaller --test-fraction"
+                f"class '{name}' in {raw} has {len(files)} image(s); after its test share ({n_test}) "
+                f"{len(files) - n_test} remain for --folds {folds}, and every fold's validation set needs one "
+                "of each class; add images, or use fewer folds or a smaller --test-fraction"
             )
         test += files[:n_test]
         for item in files[n_test:]:

@@ -133,19 +133,38 @@ def sweep(
         state,
         parent,
         label=lambda j: j.name,
-        summarise=lambda done: write_summary(sweep_dir, axes, done, metric, mode),
+        summarise=lambda done: write_summary(sweep_dir, axes, done, metric, mode, tie_breaker(base, metric)),
     )
     print((sweep_dir / "sweep_summary.md").read_text(), flush=True)
     return 0
 
 
+def tie_breaker(base: Any, metric: str) -> str | None:
+    """The loss that orders points equal on `metric` (lower first): the monitored one when it is a loss,
+    else the loss of the metric's phase; None when `metric` is that loss itself."""
+    monitor = str(base.checkpoint.monitor)
+    loss = monitor if "loss" in monitor else f"{metric.split('_', 1)[0]}_loss"
+    return None if loss == metric else loss
+
+
 def write_summary(
-    sweep_dir: Path, axes: list[tuple[str, list[str]]], jobs: list[runs.Job], metric: str, mode: str
+    sweep_dir: Path,
+    axes: list[tuple[str, list[str]]],
+    jobs: list[runs.Job],
+    metric: str,
+    mode: str,
+    tie: str | None = None,
 ) -> dict[str, float]:
-    """sweep_summary.csv and .md, best point first by `metric`; returns {best_<metric>: value} for the parent run."""
+    """sweep_summary.csv and .md, best point first by `metric`, then by the `tie` loss (lower first);
+    returns {best_<metric>: value} for the parent run."""
     rows = [(j, runs.run_metrics(j.run_dir)) for j in jobs]
-    missing = float("inf") if mode == "min" else float("-inf")
-    rows.sort(key=lambda r: r[1].get(metric, missing), reverse=mode == "max")
+    sign, inf = (-1.0 if mode == "max" else 1.0), float("inf")
+
+    def order(row: tuple[runs.Job, dict[str, float]]) -> tuple[float, float]:
+        value = row[1].get(metric)  # a point without the metric goes last
+        return (inf if value is None else sign * value, row[1].get(tie, inf) if tie else 0.0)
+
+    rows.sort(key=order)
     metrics = runs.metric_columns([m for _, m in rows])
     keys = [k for k, _ in axes]
     header = [*keys, "run", *metrics]
@@ -156,7 +175,9 @@ def write_summary(
     short = [[*row[: len(keys)], Path(row[len(keys)]).name, *row[len(keys) + 1 :]] for row in table]
     best = rows[0][1].get(metric) if rows else None
     text = (
-        f"# Sweep: {len(rows)} point(s), sorted by {metric} ({mode})\n\n"
+        f"# Sweep: {len(rows)} point(s), sorted by {metric} ({mode})"
+        + (f", ties by {tie} (min)" if tie else "")
+        + "\n\n"
         + runs.markdown(header, short)
         + "\nValidation metrics are those of each run's best checkpoint (checkpoint.monitor), which test/ evaluates.\n"
     )
