@@ -38,11 +38,13 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
 
 
 def tree(folder: Path) -> dict[str, tuple[int, str]]:
-    """Every file under `folder`: (mtime, content hash), to prove that nothing was touched."""
+    """Every file under `folder`: (mtime, content hash), to prove that nothing was touched.
+
+    `.lock` is the run's lock file: taken and released by every attempt, it holds nothing of the run."""
     return {
         str(p.relative_to(folder)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
         for p in sorted(folder.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != ".lock"
     }
 
 
