@@ -219,9 +219,11 @@ def test_workers_save_and_stop_when_their_torchrun_agent_is_killed(tmp_path):
     kill_agent_then_wait_for_workers(agent, workers)
     run = only_run_dir(out)
     console = log.read_text()
-    assert console.count(f"the torchrun agent (pid {agent.pid}) that started this worker is gone") == 2, (
+    # Each rank watches the agent; a rank may instead stop on the other's request, agreed at a step.
+    assert console.count(f"the torchrun agent (pid {agent.pid}) that started this worker is gone") >= 1, (
         console
     )
+    assert "stopped by None" not in console
     assert re.search(r"stopped by the launcher's death after step \d+; resume with: ./torchrun.sh 2", console)
     step = load_checkpoint(run / "checkpoints" / "last.pth")["progress"]["global_step"]
     assert 10 <= step < 256, console[-3000:]  # saved where it stopped, well before the end

@@ -72,8 +72,11 @@ def lock_run_dir(run_dir: Path, action: str) -> RunLock | None:
         log.warning("%s was locked by %s, which ended without releasing it: lock taken over", run_dir, left)
     since = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     line = f"pid {os.getpid()} on {socket.gethostname()} ({action} since {since})\n".encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, line, 0)
+    try:  # who holds it, for a refusal's message; the lock itself needs no bytes (a full disk: no name)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, line, 0)
+    except OSError:
+        pass
     return RunLock(fd)
 
 

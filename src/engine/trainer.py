@@ -426,5 +426,6 @@ class Trainer:
     def _preempted(self) -> TrainState:
         self.state.finished = False
         log.warning("stopped by %s after step %d; resume with: %s",
-                    self.stop.signal_name, self.state.global_step, resume_command(self.run_dir))  # fmt: skip
+                    self.stop.signal_name or "another rank's stop request", self.state.global_step,
+                    resume_command(self.run_dir))  # fmt: skip
         return self.state
