@@ -6,6 +6,8 @@ import logging
 import signal
 from collections.abc import Iterable
 
+from src.tracking.base import stop_signal_received
+
 log = logging.getLogger("template")
 
 
@@ -38,6 +40,7 @@ class StopRequest:
             signal.signal(signum, signal.SIG_DFL)
             raise KeyboardInterrupt(f"{name} received twice")
         self.signal_name = name
+        stop_signal_received()  # a tracker waiting on a slow store lets the run end now
         log.warning("%s received: saving a checkpoint at the next step boundary, then exiting", name)
 
     @property
