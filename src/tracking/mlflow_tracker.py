@@ -15,6 +15,7 @@ re-sends the checkpoint's unconfirmed events, which the child skips where the st
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import logging
 import os
@@ -84,18 +85,28 @@ class _Child:
 _spares: dict[str, _Child] = {}
 
 
-def prestart(tracking_uri: str) -> None:
-    """Start the MLflow child for `tracking_uri` now, to be taken by the next MlflowTracker on that store.
+def spawn(tracking_uri: str) -> None:
+    """Start the MLflow child for `tracking_uri` now: it imports MLflow and touches no store yet.
 
-    Call it early in the main thread (the child dies with the thread that started it): importing
-    MLflow and migrating the store then happen while the trainer builds its data and model.
+    train.py calls it before it imports torch, so on a machine with a free core MLflow's import
+    (a second or two of Python) is over before training starts. Call it in the main thread (the
+    child dies with the thread that started it); the next MlflowTracker on that store takes it.
     """
-    if tracking_uri in _spares:
-        return
-    try:
-        _spares[tracking_uri] = _Child(tracking_uri)
-    except OSError as err:
-        log.warning("MLflow: could not start the tracking process: %s", err)
+    if tracking_uri not in _spares:
+        with contextlib.suppress(OSError):  # prestart and the tracker try again and say why
+            _spares[tracking_uri] = _Child(tracking_uri)
+
+
+def prestart(tracking_uri: str) -> None:
+    """The run goes ahead: the child (started now if `spawn` did not) opens or creates the store, while
+    the trainer builds its model; the next MlflowTracker on that store takes it over."""
+    if tracking_uri not in _spares:
+        try:
+            _spares[tracking_uri] = _Child(tracking_uri)
+        except OSError as err:
+            log.warning("MLflow: could not start the tracking process: %s", err)
+            return
+    _spares[tracking_uri].conn.send(("connect",))
 
 
 @atexit.register

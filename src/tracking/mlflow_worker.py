@@ -56,14 +56,9 @@ class Worker:
         self.failed = False  # a write failed: said once, later failures are not repeated
 
     def connect(self) -> None:
-        """Import MLflow and open the store (creating or migrating a sqlite file) before any run is asked for."""
+        """Open the store (creating a sqlite file) before any run is asked for; `prestart` says when."""
         from mlflow.tracking import MlflowClient
 
-        # MLflow, alembic, SQLAlchemy and urllib3 log every retry of a store that is down (~90 lines
-        # with tracebacks for a read-only sqlite file); the tracker says it once, in one line.
-        level = os.environ.get("MLFLOW_LOGGING_LEVEL", "CRITICAL").upper()
-        for name in ("mlflow", "alembic", "sqlalchemy", "urllib3"):
-            logging.getLogger(name).setLevel(level)
         create_sqlite_store(self.uri)
         client = MlflowClient(self.uri)
         client.search_experiments(max_results=1)  # opens it (a schema check: about a second)
@@ -79,6 +74,8 @@ class Worker:
             try:
                 if op == "ping":
                     self.conn.send(("pong", args[0]))
+                elif op == "connect":
+                    self.try_connect()
                 elif op == "open":
                     self.open(*args)
                 elif op == "finish":
@@ -92,6 +89,12 @@ class Worker:
                     self.warn(f"MLflow: {first_line(err)} (run {self.run_id}, store {self.uri})")
                 if op == "finish":
                     return
+
+    def try_connect(self) -> None:
+        try:
+            self.connect()
+        except Exception:
+            self.client = None  # "open" tries again and reports the error
 
     def warn(self, text: str) -> None:
         with contextlib.suppress(OSError):
@@ -357,6 +360,25 @@ def lower_priority() -> None:
             os.nice(19)
 
 
+# MLflow imports pandas, NumPy and pyarrow for its dataset helpers, which this process never uses
+# (it logs floats, params, tags and files): 40% of its import time. MLflow registers those helpers
+# only if they import, so they are kept out.
+UNUSED_MODULES = ("pandas", "numpy", "pyarrow")
+
+
+def import_mlflow() -> None:
+    """MLflow's modules, before any store is named: this runs while the trainer imports torch."""
+    for name in UNUSED_MODULES:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+    import mlflow.tracking  # noqa: F401
+
+    # MLflow, alembic, SQLAlchemy and urllib3 log every retry of a store that is down (~90 lines
+    # with tracebacks for a read-only sqlite file); the tracker says it once, in one line.
+    level = os.environ.get("MLFLOW_LOGGING_LEVEL", "CRITICAL").upper()
+    for name in ("mlflow", "alembic", "sqlalchemy", "urllib3"):
+        logging.getLogger(name).setLevel(level)
+
+
 def main(argv: list[str]) -> None:
     fd, uri, parent = int(argv[1]), argv[2], int(argv[3])
     _die_with_parent(parent)
@@ -366,12 +388,8 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the trainer, which then ends the run
     os.dup2(2, 1)  # anything printed goes to stderr, never into the trainer's stdout
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s WARNING %(name)s: %(message)s")
-    worker = Worker(uri, Connection(fd))
-    try:
-        worker.connect()
-    except Exception:
-        worker.client = None  # "open" tries again and reports the error
-    worker.serve()
+    import_mlflow()
+    Worker(uri, Connection(fd)).serve()  # the store is opened at "connect" (prestart) or "open"
 
 
 if __name__ == "__main__":
