@@ -222,10 +222,9 @@ class MlflowTracker(Tracker):
         one at once: a store that kept the run waiting this long is not waited for again.
         """
         signals = stop_signals_received()
-        if time.monotonic() < until:
-            log.info(
-                "waiting up to %.0f s for MLflow (%s) %s", until - time.monotonic(), self.tracking_uri, what
-            )
+        if time.monotonic() >= until:  # given up before: not waited for again
+            return done.is_set()
+        log.info("waiting up to %.0f s for MLflow (%s) %s", until - time.monotonic(), self.tracking_uri, what)
         while not done.wait(0.1):
             stopped = stop_signals_received() != signals
             if stopped or time.monotonic() >= until:
