@@ -452,9 +452,12 @@ ONE_RUN = """
 import json, sys
 sys.path.insert(0, {root!r})
 sys.argv = ["train.py"]
-if {spawn!r}:  # as train.py does: MLflow's child imports MLflow while this process imports torch
+try:  # as train.py does: MLflow's child imports MLflow while this process imports torch
     from src.tracking.mlflow_tracker import spawn
-    spawn({spawn!r})
+    if {spawn!r}:
+        spawn({spawn!r})
+except ImportError:  # an older checkout (--root) starts it later itself
+    pass
 import torch
 from script import benchmark as b
 p = b.PRESETS["mlp-cpu"]
@@ -497,15 +500,15 @@ def mlflow_child(parent: int) -> int | None:
 
 
 def one_tracked_run(
-    extra: list[str], out: Path, env: dict[str, str], steps: int, epochs: int
+    extra: list[str], out: Path, env: dict[str, str], steps: int, epochs: int, root: Path = ROOT
 ) -> dict[str, float]:
-    """One fresh process running train_main; CPU of it and of MLflow's child sampled every 20 ms."""
+    """One fresh process running train_main in checkout `root`; its CPU and its MLflow child's, every 20 ms."""
     spawn = f"sqlite:///{out.resolve()}/mlflow.db" if "logging.mlflow=true" in extra else ""
     code = ONE_RUN.format(
-        root=str(ROOT), steps=steps, epochs=epochs, val=640, out=str(out), extra=extra, spawn=spawn
+        root=str(root), steps=steps, epochs=epochs, val=640, out=str(out), extra=extra, spawn=spawn
     )
     start = time.perf_counter()  # CLOCK_MONOTONIC, shared with the child's stamps
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     samples: list[tuple[float, float, float]] = []  # (time, trainer CPU, MLflow child CPU)
 
@@ -547,10 +550,10 @@ def one_tracked_run(
     }
 
 
-def tracking_cost(rounds: int, steps: int, epochs: int) -> int:
+def tracking_cost(rounds: int, steps: int, epochs: int, root: Path = ROOT) -> int:
     """Every setting of TRACKING_SETTINGS once per round, the order rotating; medians and shares."""
     results: dict[str, list[dict[str, float]]] = {name: [] for name in TRACKING_SETTINGS}
-    print(f"benchmark tracking: {machine()}", flush=True)
+    print(f"benchmark tracking of {root}: {machine()}", flush=True)
     print(f"  {rounds} rounds x {len(TRACKING_SETTINGS)} settings: MLP 784-512-256-10, {epochs} epochs x {steps} "
           f"steps of 64, validation of 640 samples per epoch, every other default on", flush=True)  # fmt: skip
     names = list(TRACKING_SETTINGS)
@@ -558,7 +561,7 @@ def tracking_cost(rounds: int, steps: int, epochs: int) -> int:
         work = Path(tmp)
         env = {**os.environ, "MLFLOW_TRACKING_URI": "", "PYTHONUNBUFFERED": "1"}
         existing = work / "existing"
-        one_tracked_run(["logging.mlflow=true"], existing, env, 20, 2)  # makes the store (not counted)
+        one_tracked_run(["logging.mlflow=true"], existing, env, 20, 2, root)  # makes the store (not counted)
         for r in range(rounds):
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 run_env, out = env, work / f"run{r}_{names.index(name)}"
@@ -566,7 +569,9 @@ def tracking_cost(rounds: int, steps: int, epochs: int) -> int:
                     out = existing
                 elif name.endswith("first store on this machine"):  # no cached empty store to copy
                     run_env = {**env, "XDG_CACHE_HOME": str(work / f"cache{r}")}
-                results[name].append(one_tracked_run(TRACKING_SETTINGS[name], out, run_env, steps, epochs))
+                results[name].append(
+                    one_tracked_run(TRACKING_SETTINGS[name], out, run_env, steps, epochs, root)
+                )
                 figures = ", ".join(f"{k} {v:.3f}" for k, v in results[name][-1].items())
                 print(f"round {r + 1}, {name}: {figures}", flush=True)
     print(f"\n== tracking ({machine()}); medians over {rounds} rounds, (min-max)")
@@ -621,12 +626,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="steps per epoch")
     parser.add_argument("--epochs", type=int, help="epochs per run, the first being warm-up (>= 2)")
     parser.add_argument("--startup-rounds", type=int, default=3, help="time-to-first-step runs; 0 skips")
+    parser.add_argument(
+        "--root", type=Path, default=ROOT, help="tracking: the checkout to measure (an older one, say)"
+    )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for the in-process loops")
     parser.add_argument("--val-samples", type=int, default=0,
                         help="validate both loops on this many samples every epoch (default 0: no validation)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.preset == "tracking":
-        return tracking_cost(args.rounds or 3, args.steps or 375, max(2, args.epochs or 3))
+        return tracking_cost(
+            args.rounds or 3, args.steps or 375, max(2, args.epochs or 3), args.root.resolve()
+        )
     p = PRESETS[args.preset]
     p.rounds = args.rounds or p.rounds
     p.steps_per_epoch = args.steps or p.steps_per_epoch

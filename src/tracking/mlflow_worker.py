@@ -2,15 +2,17 @@
 
 `import mlflow` and a new sqlite store's migration take seconds of pure Python. On a thread of the
 training process they hold the GIL and slow the first steps several times over; in this process they
-cost the trainer nothing. The tracker starts it with `python -m src.tracking.mlflow_worker FD URI`,
-where FD is this end of a socket pair. It opens the store at once (so the migration overlaps the
-trainer's set-up), then serves the messages the tracker sends, in order:
+cost the trainer nothing. The tracker starts it with `python -m src.tracking.mlflow_worker FD URI PID`,
+where FD is this end of a socket pair. It imports MLflow at once (train.py starts it before it
+imports torch), then serves the messages the tracker sends, in order:
 
+    ("connect",)                      the run goes ahead: open or create the store now
     ("open", experiment, run_name, tags, run_id | None)  -> ("opened", run_id | None, error | None)
         (without a run_id, a live run tagged with the same run_dir is reopened if there is one)
     ("params", {key: value}) / ("artifact", path) / ("image", name, png, step)
     ("events", [event, ...])          metric events released by a checkpoint
-    ("resume_events", [event, ...])   a checkpoint's unconfirmed events: those in the store are skipped
+    ("resume_events", [event, ...])   a resumed checkpoint's events; from then on, steps the run
+                                      holds already (a crash, a fallback to an older checkpoint) are skipped
     ("ping", token)                   -> ("pong", token) once everything before it is done
     ("finish", status | None)         -> ("finished",), then exit
 
