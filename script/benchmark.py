@@ -514,8 +514,10 @@ def one_tracked_run(
 
     def watch() -> None:
         child, child_cpu = None, 0.0
-        while proc.poll() is None:
-            if child is None and "logging.mlflow=true" in extra:
+        for tick in itertools.count():
+            if proc.poll() is not None:
+                break
+            if child is None and "logging.mlflow=true" in extra and tick % 10 == 0:  # /proc scans cost CPU
                 child = mlflow_child(proc.pid)
             own = cpu_seconds(proc.pid)
             if child is not None:
