@@ -139,6 +139,7 @@ class MlflowTracker(Tracker):
         self._done = threading.Event()  # the reader ended: the child said "finished", or it is gone
         self._end_by: float | None = None  # the end of the run's waits (settle, finish), once begun
         self._gave_up = f"no answer within {END_WAIT_S:.0f} s"  # why a wait ended early, for the warning
+        self._warned = False  # a store that fails is reported in one line, whatever fails after it
         # Events not yet confirmed by the store, oldest first. The child confirms a prefix once it is
         # written; `_covered` (events a checkpoint holds) and `_sent` (events handed to the child) count
         # from the front of this list. `_covered` is None until the first state() or resume().
@@ -305,6 +306,9 @@ class MlflowTracker(Tracker):
         self._finished = True
         if self._child is None:
             return
+        if self._off:  # the store never opened: nothing was sent, and the warning is given
+            self._child.close()
+            return
         self._end_fluent_run()
         with self._lock:
             everything = status in ("FINISHED", None) or self._covered is None
@@ -332,14 +336,15 @@ class MlflowTracker(Tracker):
             what.append(f"{len(events)} metric value(s) of steps {min(steps)}-{max(steps)}")
         if status is not None:
             what.append(f"the status {status}")
-        later = self._how_to_log_later()
-        log.warning(
-            "MLflow: %s may lack %s (%s)%s",
-            self.tracking_uri,
-            " and ".join(what) or "its last writes",
-            why,
-            later,
+        self._store_warning(
+            f"MLflow: {self.tracking_uri} may lack {' and '.join(what) or 'its last writes'} ({why})"
+            f"{self._how_to_log_later()}"
         )
+
+    def _store_warning(self, text: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("%s", text)
 
     def _how_to_log_later(self) -> str:
         if not self._run_dir:  # a workflow's parent run: its children hold the metrics
@@ -377,8 +382,7 @@ class MlflowTracker(Tracker):
         with self._lock:
             self._events.clear()
             self._sent, self._covered = 0, None
-        later = self._how_to_log_later()
-        log.warning("MLflow: tracking is off for this run, %s%s", reason, later)
+        self._store_warning(f"MLflow: tracking is off for this run, {reason}{self._how_to_log_later()}")
         self._opened.set()
 
     # -- the threads that talk to the child ---------------------------------------------------------
@@ -419,7 +423,7 @@ class MlflowTracker(Tracker):
         except (EOFError, OSError):
             self._gone = True
             if not self._finished:
-                log.warning("MLflow: the tracking process for %s ended early", self.tracking_uri)
+                self._store_warning(f"MLflow: the tracking process for {self.tracking_uri} ended early")
             if not self._opened.is_set():
                 self._switch_off("its process ended before opening the run")
         finally:
