@@ -453,7 +453,7 @@ def test_a_stop_signal_during_the_wait_for_a_hanging_store_is_honoured(tmp_path)
 
 @pytest.mark.slow
 def test_mlflow_holds_each_step_once_after_a_fallback_to_an_older_checkpoint(tmp_path):
-    """last.pth unreadable: the resume starts from previous.pth and trains epoch 2 again; MLflow, which
+    """last.pth and best.pth unreadable: the resume starts from previous.pth and trains epoch 2 again; MLflow, which
     holds epoch 2's steps already, keeps them once (before: 16 points for 12 steps)."""
     out = tmp_path / "out"
     base = [
@@ -466,9 +466,9 @@ def test_mlflow_holds_each_step_once_after_a_fallback_to_an_older_checkpoint(tmp
     proc = run_script("train.py", *base, env={"MLFLOW_TRACKING_URI": ""})
     assert proc.returncode == 0, explain(proc)
     run_dir = only_run_dir(out)
-    last = run_dir / "checkpoints/last.pth"
-    with open(last, "r+b") as f:  # corrupt in place, as a failing disk would
-        f.truncate(1000)
+    for newer in ("last.pth", "best.pth"):  # corrupt in place, as a failing disk would (best may be a link)
+        with open(run_dir / "checkpoints" / newer, "r+b") as f:
+            f.truncate(1000)
     proc = run_script("train.py", str(run_dir / "config.yaml"), "epoch=3")
     assert proc.returncode == 0, explain(proc)
     assert "previous.pth" in proc.stdout + proc.stderr  # it did fall back
