@@ -6,6 +6,9 @@ from src.engine import cli
 
 
 def train(args, cfg) -> int:
+    from src.tracking.start import spawn_mlflow
+
+    spawn_mlflow(cfg)  # MLflow's child imports MLflow while this process imports torch
     from src.engine.run import train_main
 
     return train_main(args.config, args.overrides, cfg=cfg)

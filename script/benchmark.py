@@ -1,5 +1,6 @@
-"""How much does the Trainer cost over a hand-written PyTorch loop? Measured, in one process.
+"""How much do the Trainer and its trackers cost over a hand-written PyTorch loop? Measured.
 
+    python script/benchmark.py                           # the default: what each tracker costs (below)
     python script/benchmark.py --preset mlp-cpu          # small MLP on the CPU
     python script/benchmark.py --preset resnet18-cpu
     python script/benchmark.py --preset resnet50-cuda    # bf16 + channels_last; needs CUDA
@@ -7,6 +8,16 @@
     python script/benchmark.py --preset data-path-cuda   # uint8 images converted per sample, loader workers
     python script/benchmark.py --preset mlp-cpu --val-samples 300   # both loops validate every epoch
 
+The default preset, `tracking`, runs a user's default run (every default on: MLflow, TensorBoard,
+validation every epoch, a checkpoint every epoch, the test at the end; an MLP 784-512-256-10, 3
+epochs of 375 steps of 64) as fresh processes in five settings, in an order that rotates every
+round: MLflow on with a new store (the first one on this machine, and a later one) and with an
+existing store, MLflow off, and MLflow and TensorBoard off. Per setting, medians over the rounds:
+the time to the first step, the mean step of the first and the last epoch, the whole run, and the
+CPU seconds of MLflow's child process and of the training process between the first and the last
+step. Then each tracker's share of the whole run.
+
+The other presets compare the Trainer with a bare loop in one process.
 Both loops train the same model on the same in-memory tensors with the same batch, optimizer
 (AdamW) and DataLoader settings, in alternating rounds. The Trainer runs through `train_main` with
 its defaults on: logging every 50 steps, TensorBoard, MLflow, the progress bar and a checkpoint at
@@ -28,6 +39,7 @@ import argparse
 import contextlib
 import dataclasses
 import itertools
+import json
 import os
 import statistics
 import subprocess
@@ -427,6 +439,166 @@ def startup(p: Preset, rounds: int, work: Path) -> dict[str, list[float]]:
     return times
 
 
+# ---------------------------------------------------------------------- what each tracker costs
+TRACKING_SETTINGS = {
+    "MLflow on, first store on this machine": ["logging.mlflow=true"],
+    "MLflow on, new store": ["logging.mlflow=true"],
+    "MLflow on, existing store": ["logging.mlflow=true"],
+    "MLflow off": ["logging.mlflow=false"],
+    "MLflow and TensorBoard off": ["logging.mlflow=false", "logging.tensorboard=false"],
+}
+
+ONE_RUN = """
+import json, sys
+sys.path.insert(0, {root!r})
+sys.argv = ["train.py"]
+try:  # as train.py does: MLflow's child imports MLflow while this process imports torch
+    from src.tracking.mlflow_tracker import spawn
+    if {spawn!r}:
+        spawn({spawn!r})
+except ImportError:  # an older checkout (--root) starts it later itself
+    pass
+import torch
+from script import benchmark as b
+p = b.PRESETS["mlp-cpu"]
+p.steps_per_epoch, p.epochs = {steps}, {epochs}
+b.register_dataset()
+b.stamp_batches()
+gen = torch.Generator().manual_seed(0)
+n, v = p.steps_per_epoch * p.batch, {val}
+b.DATA.update(inputs=torch.randn(n, *p.input_shape, generator=gen), targets=torch.randint(0, 10, (n,), generator=gen),
+              val_inputs=torch.randn(v, *p.input_shape, generator=gen),
+              val_targets=torch.randint(0, 10, (v,), generator=gen), val_samples=v, decode=False,
+              batch=p.batch, num_classes=10)
+b.CLOCK.start(p.batch)
+from src.engine.run import train_main
+code = train_main(b.BASE_CONFIG, b.trainer_overrides(p, __import__("pathlib").Path({out!r}), "BenchmarkTensors", 0) + {extra!r})
+print("STAMPS " + json.dumps(b.CLOCK.stamps), flush=True)
+sys.exit(code)
+"""
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a live process, from /proc (Linux); None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def mlflow_child(parent: int) -> int | None:
+    """The pid of the MLflow child process `parent` started, if it runs."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent and (
+                    b"mlflow_worker" in (entry / "cmdline").read_bytes()
+                ):
+                    return int(entry.name)
+    return None
+
+
+def one_tracked_run(
+    extra: list[str], out: Path, env: dict[str, str], steps: int, epochs: int, root: Path = ROOT
+) -> dict[str, float]:
+    """One fresh process running train_main in checkout `root`; its CPU and its MLflow child's, every 20 ms."""
+    spawn = f"sqlite:///{out.resolve()}/mlflow.db" if "logging.mlflow=true" in extra else ""
+    code = ONE_RUN.format(
+        root=str(root), steps=steps, epochs=epochs, val=640, out=str(out), extra=extra, spawn=spawn
+    )
+    start = time.perf_counter()  # CLOCK_MONOTONIC, shared with the child's stamps
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    samples: list[tuple[float, float, float]] = []  # (time, trainer CPU, MLflow child CPU)
+
+    def watch() -> None:
+        child, child_cpu = None, 0.0
+        for tick in itertools.count():
+            if proc.poll() is not None:
+                break
+            if child is None and "logging.mlflow=true" in extra and tick % 10 == 0:  # /proc scans cost CPU
+                child = mlflow_child(proc.pid)
+            own = cpu_seconds(proc.pid)
+            if child is not None:
+                child_cpu = cpu_seconds(child) or child_cpu
+            if own is not None:
+                samples.append((time.perf_counter(), own, child_cpu))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    stdout, stderr = proc.communicate()
+    whole = time.perf_counter() - start
+    watcher.join()
+    if proc.returncode != 0 or "STAMPS " not in stdout:
+        raise SystemExit(f"the run failed (exit {proc.returncode}):\n{stderr[-3000:]}")
+    stamps = json.loads(stdout.split("STAMPS ", 1)[1])[: epochs * steps]
+    step_times = [b - a for a, b in itertools.pairwise(stamps)]
+
+    def at(t: float) -> tuple[float, float]:  # the CPU counters at time t (the sample just before it)
+        before = [s for s in samples if s[0] <= t] or samples[:1]
+        return before[-1][1], before[-1][2]
+
+    (train0, child0), (train1, child1) = at(stamps[0]), at(stamps[-1])
+    return {
+        "first step at (s)": stamps[0] - start,
+        "first-epoch step (ms)": 1e3 * statistics.fmean(step_times[: steps - 1]),
+        "last-epoch step (ms)": 1e3 * statistics.fmean(step_times[(epochs - 1) * steps :]),
+        "whole run (s)": whole,
+        "training CPU, first to last step (s)": train1 - train0,
+        "MLflow child CPU, first to last step (s)": child1 - child0,
+        "MLflow child CPU, whole run (s)": max((s[2] for s in samples), default=0.0),
+    }
+
+
+def tracking_cost(rounds: int, steps: int, epochs: int, root: Path = ROOT) -> int:
+    """Every setting of TRACKING_SETTINGS once per round, the order rotating; medians and shares."""
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in TRACKING_SETTINGS}
+    print(f"benchmark tracking of {root}: {machine()}", flush=True)
+    print(f"  {rounds} rounds x {len(TRACKING_SETTINGS)} settings: MLP 784-512-256-10, {epochs} epochs x {steps} "
+          f"steps of 64, validation of 640 samples per epoch, every other default on", flush=True)  # fmt: skip
+    names = list(TRACKING_SETTINGS)
+    with tempfile.TemporaryDirectory(prefix="benchmark_") as tmp:
+        work = Path(tmp)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": "", "PYTHONUNBUFFERED": "1"}
+        existing = work / "existing"
+        one_tracked_run(["logging.mlflow=true"], existing, env, 20, 2, root)  # makes the store (not counted)
+        for r in range(rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                run_env, out = env, work / f"run{r}_{names.index(name)}"
+                if name.endswith("existing store"):
+                    out = existing
+                elif name.endswith("first store on this machine"):  # no cached empty store to copy
+                    run_env = {**env, "XDG_CACHE_HOME": str(work / f"cache{r}")}
+                results[name].append(
+                    one_tracked_run(TRACKING_SETTINGS[name], out, run_env, steps, epochs, root)
+                )
+                figures = ", ".join(f"{k} {v:.3f}" for k, v in results[name][-1].items())
+                print(f"round {r + 1}, {name}: {figures}", flush=True)
+    print(f"\n== tracking ({machine()}); medians over {rounds} rounds, (min-max)")
+    keys = list(results[names[0]][0])
+    print("| | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    median: dict[str, dict[str, float]] = {}
+    for name in names:
+        median[name] = {k: statistics.median(run[k] for run in results[name]) for k in keys}
+        cells = [f"{median[name][k]:.2f} ({min(r[k] for r in results[name]):.2f}-{max(r[k] for r in results[name]):.2f})"
+                 for k in keys]  # fmt: skip
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    off, bare = median["MLflow off"], median["MLflow and TensorBoard off"]
+    for name in names[:3]:
+        on = median[name]
+        print(f"{name} / MLflow off: first step {on[keys[0]] - off[keys[0]]:+.2f} s, first epoch "
+              f"{on[keys[1]] / off[keys[1]]:.2f}x, last epoch {on[keys[2]] / off[keys[2]]:.2f}x, whole run "
+              f"{on[keys[3]] / off[keys[3]]:.2f}x ({on[keys[3]] - off[keys[3]]:+.2f} s); MLflow's child used "
+              f"{100 * on[keys[5]] / on[keys[4]]:.1f}% of the training's CPU between the first and last step")  # fmt: skip
+    print(f"TensorBoard (MLflow off / both off): first epoch {off[keys[1]] / bare[keys[1]]:.2f}x, last epoch "
+          f"{off[keys[2]] / bare[keys[2]]:.2f}x, whole run {off[keys[3]] / bare[keys[3]]:.2f}x "
+          f"({off[keys[3]] - bare[keys[3]]:+.2f} s)")  # fmt: skip
+    return 0
+
+
 # ---------------------------------------------------------------------- report
 def spread(values: list[float], unit: float = 1e3, fmt: str = "{:.3f}") -> str:
     values = [v * unit for v in values]
@@ -451,15 +623,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="mlp-cpu")
+    parser.add_argument("--preset", choices=["tracking", *sorted(PRESETS)], default="tracking")
     parser.add_argument("--rounds", type=int, help="alternating rounds of bare loop and Trainer")
     parser.add_argument("--steps", type=int, help="steps per epoch")
     parser.add_argument("--epochs", type=int, help="epochs per run, the first being warm-up (>= 2)")
     parser.add_argument("--startup-rounds", type=int, default=3, help="time-to-first-step runs; 0 skips")
+    parser.add_argument(
+        "--root", type=Path, default=ROOT, help="tracking: the checkout to measure (an older one, say)"
+    )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for the in-process loops")
     parser.add_argument("--val-samples", type=int, default=0,
                         help="validate both loops on this many samples every epoch (default 0: no validation)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.preset == "tracking":
+        return tracking_cost(
+            args.rounds or 3, args.steps or 375, max(2, args.epochs or 3), args.root.resolve()
+        )
     p = PRESETS[args.preset]
     p.rounds = args.rounds or p.rounds
     p.steps_per_epoch = args.steps or p.steps_per_epoch

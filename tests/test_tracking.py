@@ -182,7 +182,8 @@ def test_a_kill_while_the_mlflow_store_is_created_leaves_no_half_made_store(tmp_
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code = f"import sys; sys.path.insert(0, {str(REPO)!r}); from src.tracking.mlflow_worker import create_sqlite_store; create_sqlite_store({uri!r})"
-    child = subprocess.Popen([sys.executable, "-c", code])
+    no_template = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}  # MLflow builds the tables
+    child = subprocess.Popen([sys.executable, "-c", code], env=no_template)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".mlflow.db.*.tmp")):
         assert child.poll() is None and time.monotonic() < deadline, "the store was not built aside"
@@ -197,6 +198,25 @@ def test_a_kill_while_the_mlflow_store_is_created_leaves_no_half_made_store(tmp_
     assert tracker.run_id is not None
     assert _steps(uri, tracker.run_id, "train_loss") == [0, 1]
     assert not list(tmp_path.glob(".mlflow.db.*.tmp"))  # the killed start's file is gone
+
+
+def test_a_new_mlflow_store_is_a_copy_of_the_first_one_mlflow_built(tmp_path: Path) -> None:
+    """MLflow's migrations run once per MLflow version (3 s of CPU); later new stores copy that result."""
+    cache = tmp_path / "cache"
+    code = "import sys; sys.path.insert(0, sys.argv[1]); from src.tracking.mlflow_worker import create_sqlite_store; create_sqlite_store(sys.argv[2])"
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    for name in ("first.db", "second.db"):
+        uri = f"sqlite:///{tmp_path / name}"
+        subprocess.run([sys.executable, "-c", code, str(REPO), uri], env=env, check=True, timeout=120)
+    (template,) = cache.glob("torch-research-template/mlflow-*-empty.db")
+    assert (tmp_path / "second.db").read_bytes() == template.read_bytes()
+    uri = f"sqlite:///{tmp_path / 'second.db'}"
+    tracker = MlflowTracker(uri, "copied", "run_t", tags={})
+    _log_steps(tracker, range(3))
+    tracker.state()
+    tracker.commit()
+    tracker.finish("FINISHED")
+    assert _steps(uri, tracker.run_id, "train_loss") == [0, 1, 2]
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,7 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, TINY, explain, only_run_dir, read_metrics, run_in_terminal, run_script
+from tests.helpers import (
+    ROOT,
+    TINY,
+    explain,
+    only_run_dir,
+    read_metrics,
+    run_in_terminal,
+    run_script,
+    start_script,
+    wait_for_line,
+)
 
 NO_TRACKERS = TINY[:2]  # logging.mlflow=false logging.tensorboard=false
 SMALL = TINY[2:]  # epoch=2 batch=16 and small splits: 4 optimizer steps per epoch
@@ -326,3 +337,171 @@ def test_a_terminal_gets_progress_bars_for_training_and_validation(tmp_path):
     assert re.search(r"\| INFO \| epoch 2 step 8: ", plain)  # the log lines still come, between bar redraws
     log = (only_run_dir(tmp_path) / "train.log").read_text()
     assert "\r" not in log and "it/s" not in log  # the bar stays on the terminal
+
+
+# ---------------------------------------------------------------------- MLflow faults
+def warnings_of(proc: subprocess.CompletedProcess | str) -> list[str]:
+    text = proc if isinstance(proc, str) else proc.stdout + proc.stderr
+    return [line for line in text.splitlines() if "WARNING" in line or "ERROR" in line or "Traceback" in line]
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_mlflow_server_gives_one_warning_and_a_way_to_log_later(tmp_path):
+    """A closed port: the run trains, tests and exits 0 at once (MLflow's default retries took 8 min), one
+    warning line names metrics.jsonl and script/log_to_mlflow.py, which then logs every step once."""
+    out = tmp_path / "out"
+    uri = f"http://127.0.0.1:{closed_port()}"
+    proc = run_script(
+        "train.py", "config/dummy.yaml", f"output={out}", *SMALL, "logging.tensorboard=false",
+        "logging.log_frequency=1", f"logging.mlflow_tracking_uri={uri}", timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, explain(proc)
+    run_dir = only_run_dir(out)
+    assert (run_dir / "test/metrics.json").is_file() and (run_dir / "summary.txt").is_file()
+    lines = warnings_of(proc)
+    assert len(lines) == 1, lines
+    assert uri in lines[0] and f"python script/log_to_mlflow.py {run_dir}" in lines[0]
+    assert "Retrying" not in proc.stdout + proc.stderr
+
+    store = f"sqlite:///{tmp_path}/later.db"
+    for _ in range(2):  # twice: the second run finds every step there and adds nothing
+        later = run_script("script/log_to_mlflow.py", str(run_dir), "--tracking-uri", store)
+        assert later.returncode == 0, explain(later)
+    client, run = only_mlflow_run(store)
+    assert run.info.status == "FINISHED" and run.data.params["optimizer.lr"] == "0.003"
+    events = read_metrics(run_dir)
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [(m.step, m.value) for m in history] == [
+        (e["step"], e["train_loss"]) for e in events if "train_loss" in e
+    ]
+    test = json.loads((run_dir / "test/metrics.json").read_text())
+    assert run.data.metrics["test_accuracy"] == test["test_accuracy"]
+
+
+def test_log_to_mlflow_refuses_a_folder_that_is_no_run(tmp_path):
+    proc = run_script("script/log_to_mlflow.py", str(tmp_path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path.resolve() / 'config.yaml'} not found; give a result directory of train.py"
+    ]
+
+
+@pytest.fixture
+def read_only_store(tmp_path):
+    """An MLflow sqlite store on a tmpfs remounted read-only: unwritable for root too (chmod is not)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(folder)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        made = tmp_path / "mlflow.db"
+        client_for(f"sqlite:///{made}").search_experiments(max_results=1)  # a real, complete store
+        shutil.copyfile(made, folder / "mlflow.db")  # copied: this process keeps its own file open
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        uri = f"sqlite:///{folder}/mlflow.db"
+        with pytest.raises(OSError):
+            (folder / "probe").write_text("x")
+        yield uri
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_read_only_mlflow_store_gives_one_warning_not_sqlalchemy_retries(tmp_path, read_only_store):
+    out = tmp_path / "out"
+    proc = run_script(
+        "train.py", "config/dummy.yaml", f"output={out}", *SMALL, "logging.tensorboard=false",
+        f"logging.mlflow_tracking_uri={read_only_store}", timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, explain(proc)
+    run_dir = only_run_dir(out)
+    assert (run_dir / "test/metrics.json").is_file()
+    lines = warnings_of(proc)
+    assert len(lines) == 1, lines
+    assert "readonly database" in lines[0] and "log_to_mlflow.py" in lines[0]
+    assert "sqlalchemy" not in (proc.stdout + proc.stderr).lower()
+
+
+class BlackHole:
+    """A server on 127.0.0.1 that accepts connections and never answers: a store that hangs."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.uri = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+
+@pytest.mark.slow
+def test_a_hanging_mlflow_store_holds_the_end_of_a_run_30_s_at_most(tmp_path):
+    """MLflow's child never gets an answer: the last checkpoint waits for the run at most 30 s, then the
+    run tests and exits 0 with one warning (before: 8 minutes in settle, then the run untested)."""
+    hole = BlackHole()
+    out = tmp_path / "out"
+    proc = run_script(
+        "train.py", "config/dummy.yaml", f"output={out}", *SMALL, "logging.tensorboard=false",
+        f"logging.mlflow_tracking_uri={hole.uri}", timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, explain(proc)
+    run_dir = only_run_dir(out)
+    assert (run_dir / "test/metrics.json").is_file()
+    lines = warnings_of(proc)
+    assert len(lines) == 1 and hole.uri in lines[0] and "log_to_mlflow.py" in lines[0], lines
+    log = (run_dir / "train.log").read_text()
+    assert f"waiting up to 30 s for MLflow ({hole.uri})" in log
+
+
+def test_a_stop_signal_during_the_wait_for_a_hanging_store_is_honoured(tmp_path):
+    hole = BlackHole()
+    out = tmp_path / "out"
+    log_file = tmp_path / "train.out"
+    args = [*SMALL, "logging.tensorboard=false", f"logging.mlflow_tracking_uri={hole.uri}"]
+    proc = start_script("train.py", "config/dummy.yaml", f"output={out}", *args, log_file=log_file)
+    try:
+        wait_for_line(proc, log_file, "waiting up to 30 s for MLflow", timeout=240)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, log_file.read_text()[-3000:]
+    run_dir = only_run_dir(out)
+    assert (run_dir / "checkpoints/last.pth").is_file()
+    text = log_file.read_text()  # the wait ended on the signal, not at its 30 s deadline
+    assert "a stop signal ended the wait" in text and "log_to_mlflow.py" in text
+
+
+@pytest.mark.slow
+def test_mlflow_holds_each_step_once_after_a_fallback_to_an_older_checkpoint(tmp_path):
+    """last.pth and best.pth unreadable: the resume starts from previous.pth and trains epoch 2 again; MLflow, which
+    holds epoch 2's steps already, keeps them once (before: 16 points for 12 steps)."""
+    out = tmp_path / "out"
+    base = [
+        "config/dummy.yaml",
+        f"output={out}",
+        *SMALL,
+        "logging.tensorboard=false",
+        "logging.log_frequency=1",
+    ]
+    proc = run_script("train.py", *base, env={"MLFLOW_TRACKING_URI": ""})
+    assert proc.returncode == 0, explain(proc)
+    run_dir = only_run_dir(out)
+    for newer in ("last.pth", "best.pth"):  # corrupt in place, as a failing disk would (best may be a link)
+        with open(run_dir / "checkpoints" / newer, "r+b") as f:
+            f.truncate(1000)
+    proc = run_script("train.py", str(run_dir / "config.yaml"), "epoch=3")
+    assert proc.returncode == 0, explain(proc)
+    assert "previous.pth" in proc.stdout + proc.stderr  # it did fall back
+    client, run = only_mlflow_run(saved_uri(run_dir))
+    assert run.info.status == "FINISHED"
+    events = read_metrics(run_dir)
+    for key, every in (("train_loss", list(range(1, 13))), ("val_accuracy", [4, 8, 12])):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == every, (key, steps)
+        assert [e["step"] for e in events if key in e] == every

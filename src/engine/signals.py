@@ -13,6 +13,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
+from src.tracking.base import stop_signal_received
+
 log = logging.getLogger("template")
 
 # Exit code of a worker whose launcher died: 128 + SIGHUP, the shell's code for "lost its controller".
@@ -71,6 +73,7 @@ class StopRequest:
         if self.signal_name is not None:
             return
         self.signal_name, self.code = name, code
+        stop_signal_received()  # a tracker waiting on a slow store lets the run end now
         if self.testing:
             log.warning("%s: the test stops at its next batch, then the run exits (training is complete "
                         "and saved)", why)  # fmt: skip

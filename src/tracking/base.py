@@ -12,6 +12,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+_stop_signals = 0  # stop signals received so far; a tracker's wait in progress ends at the next one
+
+
+def stop_signal_received() -> None:
+    """Called by the stop-signal handler: a tracker waiting on its store gives up, so the run can end."""
+    global _stop_signals
+    _stop_signals += 1
+
+
+def stop_signals_received() -> int:
+    return _stop_signals
+
 
 class Tracker:
     """A place metrics go. Only rank 0 holds trackers."""

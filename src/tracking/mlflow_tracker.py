@@ -15,6 +15,7 @@ re-sends the checkpoint's unconfirmed events, which the child skips where the st
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import logging
 import os
@@ -28,7 +29,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from src.tracking.base import Tracker
+from src.tracking.base import Tracker, stop_signals_received
 
 log = logging.getLogger("template.tracking")
 
@@ -36,7 +37,9 @@ log = logging.getLogger("template.tracking")
 _PARAM_VALUE_LENGTH = 6000
 _TAG_VALUE_LENGTH = 8000
 _KEY_LENGTH = 250
-_FINISH_TIMEOUT_S = 60.0
+# The longest the trainer waits for the store: the run id at the last checkpoint and the final writes
+# together (one deadline), or the run id for a user's evaluator. A stop signal ends a wait at once.
+END_WAIT_S = 30.0
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
 _ROOT = Path(__file__).resolve().parents[2]  # the folder holding src/, for the child's imports
 
@@ -82,18 +85,28 @@ class _Child:
 _spares: dict[str, _Child] = {}
 
 
-def prestart(tracking_uri: str) -> None:
-    """Start the MLflow child for `tracking_uri` now, to be taken by the next MlflowTracker on that store.
+def spawn(tracking_uri: str) -> None:
+    """Start the MLflow child for `tracking_uri` now: it imports MLflow and touches no store yet.
 
-    Call it early in the main thread (the child dies with the thread that started it): importing
-    MLflow and migrating the store then happen while the trainer builds its data and model.
+    train.py calls it before it imports torch, so on a machine with a free core MLflow's import
+    (a second or two of Python) is over before training starts. Call it in the main thread (the
+    child dies with the thread that started it); the next MlflowTracker on that store takes it.
     """
-    if tracking_uri in _spares:
-        return
-    try:
-        _spares[tracking_uri] = _Child(tracking_uri)
-    except OSError as err:
-        log.warning("MLflow: could not start the tracking process: %s", err)
+    if tracking_uri not in _spares:
+        with contextlib.suppress(OSError):  # prestart and the tracker try again and say why
+            _spares[tracking_uri] = _Child(tracking_uri)
+
+
+def prestart(tracking_uri: str) -> None:
+    """The run goes ahead: the child (started now if `spawn` did not) opens or creates the store, while
+    the trainer builds its model; the next MlflowTracker on that store takes it over."""
+    if tracking_uri not in _spares:
+        try:
+            _spares[tracking_uri] = _Child(tracking_uri)
+        except OSError as err:
+            log.warning("MLflow: could not start the tracking process: %s", err)
+            return
+    _spares[tracking_uri].conn.send(("connect",))
 
 
 @atexit.register
@@ -115,6 +128,7 @@ class MlflowTracker(Tracker):
         run_id: str | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
+        self._run_dir = tags.get("run_dir")  # named in the warning when the store missed something
         self._wanted_run_id = run_id
         self._run_id: str | None = None
         self._opened = threading.Event()
@@ -122,6 +136,10 @@ class MlflowTracker(Tracker):
         self._off = False  # the store could not be opened: drop everything
         self._finished = False
         self._gone = False  # the child ended: keep events for the checkpoint, send nothing more
+        self._done = threading.Event()  # the reader ended: the child said "finished", or it is gone
+        self._end_by: float | None = None  # the end of the run's waits (settle, finish), once begun
+        self._gave_up = f"no answer within {END_WAIT_S:.0f} s"  # why a wait ended early, for the warning
+        self._warned = False  # a store that fails is reported in one line, whatever fails after it
         # Events not yet confirmed by the store, oldest first. The child confirms a prefix once it is
         # written; `_covered` (events a checkpoint holds) and `_sent` (events handed to the child) count
         # from the front of this list. `_covered` is None until the first state() or resume().
@@ -150,8 +168,10 @@ class MlflowTracker(Tracker):
 
     @property
     def run_id(self) -> str | None:
-        """The run's id once it exists (blocks until then); None if the store could not be opened."""
-        self._opened.wait()
+        """The run's id once it exists (waits up to END_WAIT_S); None if the store could not be opened."""
+        if not self._opened.is_set():
+            until = self._end_by if self._end_by is not None else time.monotonic() + END_WAIT_S
+            self._wait(self._opened, until, "to open the run")
         return self._run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -191,7 +211,35 @@ class MlflowTracker(Tracker):
         return {"run_id": self._run_id, "pending": pending}
 
     def settle(self) -> None:
-        self._opened.wait()
+        """Wait for the run id, so the last checkpoint names the run; shares `finish`'s END_WAIT_S."""
+        if not self._opened.is_set():
+            self._wait(self._opened, self._end_deadline(), "to open the run")
+
+    def _end_deadline(self) -> float:
+        if self._end_by is None:
+            self._end_by = time.monotonic() + END_WAIT_S
+        return self._end_by
+
+    def _wait(self, done: threading.Event, until: float, what: str) -> bool:
+        """Wait for `done` until `until` (monotonic) or a stop signal; False when given up.
+
+        Training and the end of a run never wait longer on a slow or dead store; a stop signal
+        during the wait is honoured within a fraction of a second. A wait given up ends every later
+        one at once: a store that kept the run waiting this long is not waited for again.
+        """
+        signals = stop_signals_received()
+        if time.monotonic() >= until:  # given up before: not waited for again
+            return done.is_set()
+        log.info("waiting up to %.0f s for MLflow (%s) %s", until - time.monotonic(), self.tracking_uri, what)
+        while not done.wait(0.1):
+            stopped = stop_signals_received() != signals
+            if stopped or time.monotonic() >= until:
+                self._end_by = time.monotonic()
+                self._gave_up = (
+                    "a stop signal ended the wait" if stopped else f"no answer within {END_WAIT_S:.0f} s"
+                )
+                return False
+        return True
 
     def commit(self) -> None:
         """Send what the last checkpoint holds; later events wait for the next checkpoint."""
@@ -249,7 +297,7 @@ class MlflowTracker(Tracker):
         return done.wait(timeout) or not self._reader.is_alive()
 
     def finish(self, status: str | None) -> None:
-        """Send what is left, close the run and wait until the child says it is written, at most a minute.
+        """Send what is left, close the run and wait until the child says it is written (END_WAIT_S at most).
 
         A FAILED or KILLED run may be resumed from its last checkpoint, which logs the events after
         that checkpoint again; so only a FINISHED run (or one that never checkpointed) sends them.
@@ -263,6 +311,9 @@ class MlflowTracker(Tracker):
         self._finished = True
         if self._child is None:
             return
+        if self._off:  # the store never opened: nothing was sent, and the warning is given
+            self._child.close()
+            return
         self._end_fluent_run()
         with self._lock:
             everything = status in ("FINISHED", None) or self._covered is None
@@ -271,17 +322,42 @@ class MlflowTracker(Tracker):
         self._outbox.put(None)
         # The reader ends at the child's "finished": every event, artifact and the status are in the
         # store. The child's own exit (a second of unloading MLflow) is not waited for.
-        self._reader.join(_FINISH_TIMEOUT_S)
-        if self._reader.is_alive():
-            log.warning(
-                "MLflow: %s did not answer within %.0fs; run %s may miss its last events",
-                self.tracking_uri,
-                _FINISH_TIMEOUT_S,
-                self._run_id,
-            )
-            return
+        answered = self._done.is_set() or self._wait(self._done, self._end_deadline(), "to write the run")
+        with self._lock:  # handed to the child, not confirmed (later ones wait for a resume by design)
+            missed = list(self._events[: self._sent])
+        if not answered:
+            self._missed(missed, self._gave_up, status)
+            return  # the child dies with this process
+        if missed and not self._off:
+            self._missed(missed, "writes failed", None)
         self._child.close()
         threading.Thread(target=self._child.process.wait, name="mlflow-reaper", daemon=True).start()
+
+    def _missed(self, events: list[Event], why: str, status: str | None) -> None:
+        """The one warning of a store that missed part of the run: what, and how to log it later."""
+        what = []
+        if events:
+            steps = [event[3] for event in events]
+            what.append(f"{len(events)} metric value(s) of steps {min(steps)}-{max(steps)}")
+        if status is not None:
+            what.append(f"the status {status}")
+        self._store_warning(
+            f"MLflow: {self.tracking_uri} may lack {' and '.join(what) or 'its last writes'} ({why})"
+            f"{self._how_to_log_later()}"
+        )
+
+    def _store_warning(self, text: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("%s", text)
+
+    def _how_to_log_later(self) -> str:
+        if not self._run_dir:  # a workflow's parent run: its children hold the metrics
+            return ""
+        return (
+            f"; {self._run_dir}/metrics.jsonl has every metric: log it later with "
+            f"python script/log_to_mlflow.py {self._run_dir}"
+        )
 
     def _end_fluent_run(self) -> None:
         """Close the fluent run that user code resumed in this process (see `make_active`), if any."""
@@ -311,7 +387,7 @@ class MlflowTracker(Tracker):
         with self._lock:
             self._events.clear()
             self._sent, self._covered = 0, None
-        log.warning("MLflow: tracking is off for this run, %s", reason)
+        self._store_warning(f"MLflow: tracking is off for this run, {reason}{self._how_to_log_later()}")
         self._opened.set()
 
     # -- the threads that talk to the child ---------------------------------------------------------
@@ -352,10 +428,11 @@ class MlflowTracker(Tracker):
         except (EOFError, OSError):
             self._gone = True
             if not self._finished:
-                log.warning("MLflow: the tracking process for %s ended early", self.tracking_uri)
+                self._store_warning(f"MLflow: the tracking process for {self.tracking_uri} ended early")
             if not self._opened.is_set():
                 self._switch_off("its process ended before opening the run")
         finally:
             self._opened.set()
+            self._done.set()
             for done in list(self._pings.values()):
                 done.set()

@@ -26,6 +26,16 @@ def resolve_uri(cfg: DictConfig) -> DictConfig:
     return OmegaConf.merge(cfg, {"logging": {"mlflow_tracking_uri": uri}})
 
 
+def spawn_mlflow(cfg: DictConfig) -> None:
+    """On the process that will track (rank 0), start MLflow's child as early as the config is known:
+    it imports MLflow while train.py imports torch, and opens no store until `prestart_mlflow`."""
+    if cfg.logging.mlflow and os.environ.get("RANK", "0") == "0":
+        from src.tracking import resolve_tracking_uri
+        from src.tracking.mlflow_tracker import spawn
+
+        spawn(resolve_tracking_uri(cfg.logging.mlflow_tracking_uri, Path(cfg.output).resolve()))
+
+
 def prestart_mlflow(cfg: DictConfig) -> None:
     """Start MLflow's tracking process now, so its slow start (import, store migration) overlaps the
     rest of set-up; `start_trackers` takes it over. Called once the run is known to go ahead, so a
