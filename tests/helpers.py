@@ -281,3 +281,33 @@ def fill_disk(path: Path) -> None:
                 f.write(b"\0" * 65536)
         except OSError:
             pass
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (read from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    """Still a live process (a zombie no one reaped yet counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`: torchrun starts each worker in a session of its own, so a kill of the
+    agent's group alone leaves them running."""
+    found = children(pid)
+    for child in list(found):
+        found += descendants(child)
+    return found

@@ -195,6 +195,7 @@ def test_known_awkward_values(override):
         ("model={name: SimpleCNN, a: &x [*x]}", "recursive YAML anchor in override"),
         ("training.privacy.noise_multiplier=2", "training.privacy.enabled is not true"),
         ("training.privacy.secure_mode=true", "training.privacy.enabled is not true"),
+        ("run_dir=/tmp/elsewhere", "run_dir cannot be set on the command line"),
     ],
 )
 def test_values_no_run_could_use_are_refused(override, words):

@@ -25,10 +25,12 @@ from src.engine.checkpoint import load_checkpoint
 from tests.helpers import (
     ROOT,
     assert_same_states,
+    descendants,
     explain,
     only_run_dir,
     read_metrics,
     run_script,
+    running,
     wait_for_line,
 )
 
@@ -114,10 +116,19 @@ def launch(*args: str, env: dict[str, str] | None = None, timeout: int = 300) ->
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def kill_group(proc: subprocess.Popen) -> None:
+def kill_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGKILL the launcher's group and every worker below it, like a node that died, and wait until
+    all are gone (a worker left behind would still hold the run's lock)."""
+    workers = descendants(proc.pid)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
+    deadline = time.monotonic() + timeout
+    while any(running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def free_port() -> int:

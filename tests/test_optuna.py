@@ -33,7 +33,7 @@ logging: {{log_frequency: 1, mlflow: false, tensorboard: false, progress_bar: fa
 
 
 def trials(out: Path) -> list[dict[str, str]]:
-    with open(next(out.glob("*/*_sweep_SlowMLP/sweep_summary.csv")), newline="") as f:
+    with open(next(out.glob("*/*_sweep_*_SlowMLP/sweep_summary.csv")), newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -55,7 +55,7 @@ def test_optuna_study_prunes_and_continues_without_retraining(tmp_path):
     assert len(table) == 6 and "PRUNED" in states and "COMPLETE" in states, table
     losses = [float(r["val_loss"]) for r in table if r["state"] == "COMPLETE"]
     assert losses == sorted(losses)  # best first
-    summary = next(out.glob("*/*_sweep_SlowMLP"))
+    summary = next(out.glob("*/*_sweep_*_SlowMLP"))
     assert {"optuna.db", "optuna_history.png", "optuna_importance.png"} <= {p.name for p in summary.iterdir()}
     dirs = trial_dirs(out)
     assert len(dirs) == 6

@@ -17,9 +17,11 @@ import pytest
 from src.engine.checkpoint import load_checkpoint
 from tests.helpers import (
     ROOT,
+    children,
     explain,
     only_run_dir,
     run_script,
+    running,
     sigkill_after,
     start_script,
     user_module_config,
@@ -130,27 +132,6 @@ def test_a_stop_signal_during_the_final_test_stops_it_and_a_rerun_tests(tmp_path
 
 
 # ---------------------------------------------------------------------- the torchrun agent killed alone
-def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (read from /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def running(pid: int) -> bool:
-    """Still a live process (a zombie no one reaped yet counts as ended)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def start_agent(args: list[str], log: Path) -> subprocess.Popen:
     """`setsid ./torchrun.sh 2 train.py ... &`: the agent leads a session of its own."""
     with open(log, "w") as console:

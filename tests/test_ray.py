@@ -160,7 +160,7 @@ def test_adopted_process_group_is_not_destroyed(monkeypatch, caplog):
 def tune_trials(out: Path) -> dict[str, dict[str, str]]:
     import csv
 
-    with open(next(out.glob("*/*_tune_SlowMLP/tune_summary.csv")), newline="") as f:
+    with open(next(out.glob("*/*_tune_*_SlowMLP/tune_summary.csv")), newline="") as f:
         return {r["optimizer.lr"]: r for r in csv.DictReader(f)}
 
 

@@ -8,7 +8,7 @@ from its parent's death: it saves a checkpoint and ends as stopped (MLflow: KILL
 any run. Because a trial's result directory is found again by its config (as a sweep's points are),
 the directories stay resumable whatever happens to Tune's own experiment state.
 
-The summary directory `<output>/<dataset>/<ts>_tune_<model>[_<tag>]/` holds Tune's experiment
+The summary directory `<output>/<dataset>/<ts>_tune_<hash>_<model>[_<tag>]/` holds Tune's experiment
 (`ray/`) and tune_summary.csv/.md; running the same command again restores the experiment.
 """
 

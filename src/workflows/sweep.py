@@ -4,7 +4,7 @@
 without replacement by `--seed`, so a rerun draws the same ones. Each point is
 `python train.py CONFIG fixed... optimizer.lr=1e-4 batch=32 tag=<tag>_lr1e-4_batch32`, found again,
 skipped or resumed the way cross-validation folds are. The summary directory
-<output>/<dataset>/<ts>_sweep_<model>[_<tag>]/ holds sweep_summary.csv and .md, best first.
+<output>/<dataset>/<ts>_sweep_<hash>_<model>[_<tag>]/ holds sweep_summary.csv and .md, best first.
 """
 
 from __future__ import annotations
