@@ -102,6 +102,18 @@ def test_mlflow_holds_the_finished_run(tracked, tmp_path):
     assert Path(copy).read_text() == (run_dir / "config.yaml").read_text()
 
 
+def test_a_run_shorter_than_the_sampling_interval_still_holds_one_system_sample(tmp_path):
+    """MLflow's sampler logs only after a full interval; the closing sample covers a shorter run."""
+    out = tmp_path / "short"
+    proc = run_script("train.py", "config/dummy.yaml", f"output={out}", *SMALL, "logging.tensorboard=false",
+                      env={"MLFLOW_TRACKING_URI": "", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "600"})  # fmt: skip
+    assert proc.returncode == 0, explain(proc)
+    client, run = only_mlflow_run(f"sqlite:///{out.resolve()}/mlflow.db")
+    cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    assert [m.step for m in cpu] == [0] and 0 <= cpu[0].value <= 100
+    assert run.info.status == "FINISHED"
+
+
 def test_mlflow_holds_cpu_and_memory_use_over_time(tracked, tmp_path):
     """logging.system_metrics (on by default): MLflow's sampler, read back from the store."""
     import psutil

@@ -246,7 +246,11 @@ class Worker:
 
     def finish(self, status: str | None) -> None:
         if self.monitor is not None:  # its last samples go in before the run is closed
-            self.monitor.finish()
+            from src.tracking.system_metrics import stop_monitor
+
+            problem = stop_monitor(self.monitor)
+            if problem:
+                self.warn(problem)
         if self.run_id is not None:
             try:
                 self.drain()

@@ -5,7 +5,8 @@ GPUs). It runs as a thread of the MLflow tracking process (`mlflow_worker`), nev
 one sample every 10 s (MLflow's `MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL` changes that) cost that
 niced background process 15 ms of CPU time on a 2-core VM, with a sqlite store. Metrics land under `system/` (`system/cpu_utilization_percentage`,
 `system/system_memory_usage_megabytes`, `system/gpu_0_utilization_percentage`, ...), with the sample
-count as the step; a resumed run continues the count.
+count as the step; a resumed run continues the count. One more sample is taken as the run ends, so a run
+shorter than the interval still holds one.
 """
 
 from __future__ import annotations
@@ -26,3 +27,16 @@ def start_monitor(run_id: str, tracking_uri: str) -> tuple[Any | None, str | Non
     monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=tracking_uri)
     monitor.start()
     return monitor, None
+
+
+def stop_monitor(monitor: Any) -> str | None:
+    """Stop the sampler, then log one closing sample (MLflow logs only after a full interval); returns
+    why that sample is missing, if it is (the run is closed all the same)."""
+    monitor.finish()
+    try:
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+    except Exception as err:  # a sampler or store problem must not keep the run from being closed
+        return f"MLflow: the closing system metrics sample was not logged: {err}"
+    return None
