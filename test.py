@@ -3,12 +3,12 @@
 
 import sys
 
-from src.engine import cli
+from src.run import cli
 
 
 def evaluate_run(args, cfg) -> int:
     cli.check_test_input(args.config, cfg, args.checkpoint)
-    from src.engine.run import test_main
+    from src.run.main import test_main
 
     return test_main(args.config, args.overrides, args.checkpoint, cfg=cfg)
 

@@ -2,14 +2,14 @@
 
 import sys
 
-from src.engine import cli
+from src.run import cli
 
 
 def train(args, cfg) -> int:
     from src.tracking.start import spawn_mlflow
 
     spawn_mlflow(cfg)  # MLflow's child imports MLflow while this process imports torch
-    from src.engine.run import train_main
+    from src.run.main import train_main
 
     return train_main(args.config, args.overrides, cfg=cfg)
 

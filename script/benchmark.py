@@ -304,7 +304,7 @@ def trainer_overrides(p: Preset, output: Path, dataset: str, seed: int) -> list[
 
 
 def trainer_loop(p: Preset, output: Path, seed: int) -> Path:
-    from src.engine.run import train_main
+    from src.run.main import train_main
 
     code = train_main(BASE_CONFIG, trainer_overrides(p, output, "BenchmarkTensors", seed))
     if code != 0:
@@ -471,7 +471,7 @@ b.DATA.update(inputs=torch.randn(n, *p.input_shape, generator=gen), targets=torc
               val_targets=torch.randint(0, 10, (v,), generator=gen), val_samples=v, decode=False,
               batch=p.batch, num_classes=10)
 b.CLOCK.start(p.batch)
-from src.engine.run import train_main
+from src.run.main import train_main
 code = train_main(b.BASE_CONFIG, b.trainer_overrides(p, __import__("pathlib").Path({out!r}), "BenchmarkTensors", 0) + {extra!r})
 print("STAMPS " + json.dumps(b.CLOCK.stamps), flush=True)
 sys.exit(code)

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
 
-    from src.engine.cli import run_cli
+    from src.run.cli import run_cli
 
     def go() -> int:
         from src.errors import ConfigError

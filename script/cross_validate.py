@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", help="GPU ids, e.g. 0,1: one fold per GPU at once (default: in turn)")
     args = parser.parse_intermixed_args(argv)
 
-    from src.engine.cli import run_cli
+    from src.run.cli import run_cli
 
     def go() -> int:
         from src.workflows.cross_validation import cross_validate, parse_folds

@@ -52,10 +52,10 @@ run_torchrun() {
     local here
     here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
     export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
-    "$python" -m src.engine.precheck "$@" || exit $?
+    "$python" -m src.run.precheck "$@" || exit $?
 
     # torchrun itself; a worker's configuration error (exit 2) ends the job with exit 2 and no traceback.
-    exec "$python" -m src.engine.launch \
+    exec "$python" -m src.run.launch \
         "${rdzv[@]}" \
         --max-restarts="${MAX_RESTARTS:-0}" \
         ${opts[@]+"${opts[@]}"} \

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {ALREADY.format(splits=splits)}", file=sys.stderr)
         return 2
 
-    from src.engine.cli import run_cli
+    from src.run.cli import run_cli
     from src.workflows.splits import make_splits
 
     def go() -> int:

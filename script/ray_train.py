@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.engine.ray_launch import main
+from src.run.ray_launch import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

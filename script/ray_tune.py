@@ -39,10 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     args = parser.parse_intermixed_args(argv)
 
-    from src.engine.cli import run_cli
+    from src.run.cli import run_cli
 
     def go() -> int:
-        from src.workflows.ray_tune import tune_search
+        from src.search.ray_tune import tune_search
 
         return tune_search(args.config, args.settings, args.metric, args.mode, args.samples, args.asha,
                            args.restore, args.cpus_per_trial, args.gpus_per_trial, args.max_concurrent,

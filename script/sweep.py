@@ -50,12 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_intermixed_args(argv)
 
-    from src.engine.cli import run_cli
+    from src.run.cli import run_cli
 
     def go() -> int:
         from src.errors import ConfigError
+        from src.search.sweep import plan, sweep
         from src.workflows.runs import parse_gpus
-        from src.workflows.sweep import plan, sweep
 
         if args.optuna is not None:
             if args.count or args.index is not None or args.random is not None:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                     "--count, --index and --random list grid points; an Optuna study (--optuna) asks for "
                     "its own trials: leave them out"
                 )
-            from src.workflows.optuna_study import study
+            from src.search.optuna_study import study
 
             gpus = parse_gpus(args.gpus)
             return study(args.config, args.settings, args.optuna, args.sampler, args.pruner, args.seed, gpus,

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.engine.checkpoint import atomic_save, load_checkpoint
-from src.engine.checkpoint_writer import CheckpointWriter, HostSnapshot
+from src.checkpoint.checkpointer import atomic_save, load_checkpoint
+from src.checkpoint.writer import CheckpointWriter, HostSnapshot
 from src.errors import RunError
 from tests.helpers import ROOT
 
@@ -123,8 +123,8 @@ import sys, threading, time
 import torch
 sys.path.insert(0, {root!r})
 from pathlib import Path
-from src.engine import checkpoint
-from src.engine.checkpoint_writer import CheckpointWriter
+from src.checkpoint import checkpointer as checkpoint
+from src.checkpoint.writer import CheckpointWriter
 
 folder = Path({folder!r})
 checkpoint.atomic_save({{"model": {{"v": torch.tensor(1)}}, "progress": {{}}}}, [folder / "last.pth"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from src.config import load_config
-from src.engine import distributed as dist_utils
+from src.distributed import process_group as dist_utils
 from src.engine.tester import pick_checkpoint
 from src.engine.trainer import Trainer
 from tests.helpers import ROOT
@@ -36,8 +36,8 @@ def test_pruning_keeps_the_dcp_folders_the_record_says_are_used_without_reading_
     """FSDP folders: each checkpoint records the folder each file points to; no .pth is loaded to find out."""
     import torch
 
-    from src.engine.checkpoint import Checkpointer
-    from src.engine.train_state import TrainState
+    from src.checkpoint.checkpointer import Checkpointer
+    from src.checkpoint.train_state import TrainState
 
     cfg = load_config(ROOT / "config" / "dummy.yaml", ["logging.mlflow=false"])
     ctx = dist_utils.setup(cfg)

@@ -9,8 +9,8 @@ import torch
 from omegaconf import OmegaConf
 
 from src import DATASET_REGISTRY  # registers the built-in datasets on first access
-from src.engine.distillation import Distiller
 from src.models.build import build_model
+from src.techniques.distillation import Distiller
 from tests.helpers import (
     assert_same_states,
     explain,

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.engine.checkpoint import load_checkpoint
+from src.checkpoint.checkpointer import load_checkpoint
 from tests.helpers import (
     ROOT,
     assert_same_states,

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from src import register_builtins
+from src.checkpoint.checkpointer import load_checkpoint
 from src.config import load_config
 from src.engine.build import preflight
-from src.engine.checkpoint import load_checkpoint
 from src.errors import ConfigError, RunError, did_you_mean, one_line
 from src.user_modules import import_user_modules
 from tests.helpers import (
@@ -287,8 +287,8 @@ def test_model_that_cannot_take_the_inputs():
 
 def test_empty_dataset_and_missing_image_folder():
     from src.data import build_dataset
+    from src.distributed.process_group import DistContext
     from src.engine.build import build_split
-    from src.engine.distributed import DistContext
 
     cfg = load_config(ROOT / DUMMY, ["dataset.train_size=0"])
     with pytest.raises(RunError, match="no samples in its train split"):
@@ -448,7 +448,7 @@ def test_gpu_id_out_of_range(tmp_path):
 
 
 def test_ddp_without_torchrun(monkeypatch):
-    from src.engine.distributed import setup
+    from src.distributed.process_group import setup
 
     for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE", "RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -474,7 +474,7 @@ def test_traceback_switch_shows_the_traceback(tmp_path):
 
 
 def test_traceback_environment_switch(monkeypatch, capsys):
-    from src.engine.cli import run_cli
+    from src.run.cli import run_cli
 
     def refuse() -> int:
         raise RunError("the widget broke; fix the widget")

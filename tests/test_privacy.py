@@ -18,9 +18,9 @@ pytest.importorskip("opacus")
 
 import src  # noqa: F401  (registers the built-in components)
 from src.config import load_config
-from src.engine.privacy import PoissonSampler, Privacy, check_privacy
 from src.errors import ConfigError
 from src.models import build_model
+from src.techniques.privacy import PoissonSampler, Privacy, check_privacy
 from tests.helpers import (
     ROOT,
     TINY,

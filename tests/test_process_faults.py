@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from src.engine.checkpoint import load_checkpoint
+from src.checkpoint.checkpointer import load_checkpoint
 from tests.helpers import (
     ROOT,
     children,

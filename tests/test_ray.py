@@ -134,7 +134,7 @@ def test_ray_train_killed_worker_resumes_same_dir_and_equals_torchrun(tmp_path):
 def test_adopted_process_group_is_not_destroyed(monkeypatch, caplog):
     """A gloo group made before setup() (as Ray Train makes it) is used as it is and outlives cleanup()."""
     from src.config import load_config
-    from src.engine import distributed as dist_utils
+    from src.distributed import process_group as dist_utils
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(dist_utils.free_port()))
@@ -221,7 +221,7 @@ def test_ray_tune_asha_grid_interrupted_and_restored(tmp_path):
 
 def test_ray_commands_refuse_bad_input_before_ray_starts(tmp_path, monkeypatch, capsys):
     """One `error:` line, exit 2, nothing written, and no Ray cluster started."""
-    from src.engine.ray_launch import main as ray_train
+    from src.run.ray_launch import main as ray_train
     from tests.test_workflows import load_script
 
     monkeypatch.chdir(tmp_path)

@@ -16,8 +16,8 @@ from torch import nn
 
 from src.config import load_config
 from src.data.datasets import SyntheticClassification, build_dataset, stratified_counts
+from src.distributed.process_group import DistContext
 from src.engine.build import build_split
-from src.engine.distributed import DistContext
 from src.engine.flops import peak_tflops
 from src.models.build import build_model
 from tests.helpers import ROOT, TINY, explain, only_run_dir, read_metrics, run_script
@@ -118,7 +118,7 @@ def test_ema_checkpoints_hold_the_reported_weights(run_a):
     recorded = next(e["val_loss"] for e in metrics if e["epoch"] == best["progress"]["best_epoch"])
     assert _val_loss(run_a, best["model"]) == pytest.approx(recorded, rel=1e-5)
     # A new run from best.pth's weights starts from those reported weights.
-    from src.engine.run import _state_to_continue
+    from src.run.main import _state_to_continue
 
     cfg = load_config(ROOT / DUMMY, [f"checkpoint.resume_from={run_a}/checkpoints/best.pth",
                                      "checkpoint.weights_only_resume=true"])  # fmt: skip
@@ -183,9 +183,9 @@ def test_batchnorm_recompute_is_deterministic_and_leaves_no_trace_in_the_rngs():
 
     import numpy as np
 
-    from src.engine.batchnorm import recompute_batchnorm
+    from src.checkpoint.rng import capture_rng
     from src.engine.precision import Precision
-    from src.engine.rng import capture_rng
+    from src.techniques.batchnorm import recompute_batchnorm
 
     class Flip(torch.utils.data.Dataset):
         def __len__(self) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.engine.checkpoint import load_checkpoint
+from src.checkpoint.checkpointer import load_checkpoint
 from src.errors import RunError
 from tests.helpers import (
     ROOT,

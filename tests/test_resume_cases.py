@@ -216,7 +216,7 @@ def test_sigkill_with_workers_augmentation_and_schedule_free_resumes_bit_exact(c
 def test_resume_hints_name_the_launcher(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
-    from src.engine.run_dir import resume_command, save_config
+    from src.results.run_dir import resume_command, save_config
 
     assert resume_command(tmp_path) == f"python train.py {tmp_path}/config.yaml"
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -230,7 +230,7 @@ def test_resume_hints_name_the_launcher(tmp_path, monkeypatch):
 
 
 def test_an_allowed_monitor_change_ranks_afresh():
-    from src.engine.run import _forget_other_metric
+    from src.run.main import _forget_other_metric
 
     state = {"progress": {"best_value": 1.55, "best_epoch": 1, "top_k": [[1.55, "x"]], "stale_best": 1.0,
                           "stale_epochs": 2}}  # fmt: skip

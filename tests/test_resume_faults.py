@@ -243,7 +243,7 @@ def test_a_failure_before_any_checkpoint_says_there_is_none(tmp_path):
 
 
 def test_a_nan_metric_is_never_best():
-    from src.engine.train_state import improved
+    from src.checkpoint.train_state import improved
 
     assert not improved(float("nan"), None, "min") and not improved(float("nan"), 1.0, "max")
     assert not improved(float("inf"), None, "max") and improved(0.5, None, "min")

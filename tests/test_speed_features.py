@@ -172,7 +172,7 @@ def test_ema_is_checkpointed_resumed_exactly_and_used_for_testing(tmp_path):
 def test_weight_ema_update_is_a_lerp_and_keeps_averaged_model_layout():
     from torch.optim.swa_utils import AveragedModel
 
-    from src.engine.ema import WeightEMA
+    from src.techniques.ema import WeightEMA
 
     model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
     ema = WeightEMA(model, decay=0.75)
@@ -227,7 +227,7 @@ def count_syncs(tmp: Path, train_size: int, log_frequency: int) -> int:
     from torch.overrides import TorchFunctionMode
 
     from src.config import load_config
-    from src.engine import distributed as dist_utils
+    from src.distributed import process_group as dist_utils
     from src.engine.trainer import Trainer
 
     class Count(TorchFunctionMode):

@@ -121,8 +121,8 @@ def test_image_folder_fold_and_run_dir_name(demo_raw, tmp_path):
     from omegaconf import OmegaConf
 
     from src.data.datasets import ImageFolder
-    from src.engine.run_dir import new_run_dir
     from src.errors import RunError
+    from src.results.run_dir import new_run_dir
     from src.workflows.splits import make_splits
 
     root = tmp_path / "data"
@@ -254,8 +254,8 @@ def test_sweep_points_equal_on_the_metric_are_ranked_by_the_monitored_loss(tmp_p
     """Three points at val_accuracy 1.0 list the lowest val_loss first, and the header says so."""
     from omegaconf import OmegaConf
 
+    from src.search.sweep import tie_breaker, write_summary
     from src.workflows import runs
-    from src.workflows.sweep import tie_breaker, write_summary
 
     base = OmegaConf.create({"checkpoint": {"monitor": "val_loss", "mode": "min"}})
     jobs = []

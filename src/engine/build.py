@@ -18,7 +18,7 @@ from src.config.sections import component_args
 from src.data import dataset_num_classes
 from src.data.split import Split
 from src.data.split import build_split as data_split
-from src.engine.distributed import DistContext
+from src.distributed.process_group import DistContext
 from src.errors import ConfigError
 from src.evaluators import EVALUATOR_REGISTRY
 from src.models import LOSS_REGISTRY, MODEL_REGISTRY, build_loss, build_model
@@ -99,7 +99,7 @@ def preflight(cfg: DictConfig) -> None:
         build_loss(cfg)
     check_parameter_patterns(cfg)
     if cfg.get("distillation") is not None and cfg.distillation.get("teacher"):
-        from src.engine.distillation import teacher_files
+        from src.techniques.distillation import teacher_files
 
         teacher_files(cfg.distillation)
     check_privacy_before_run(cfg)
@@ -118,7 +118,7 @@ def _meta_model(cfg: DictConfig) -> torch.nn.Module | None:
 
 def check_privacy_before_run(cfg: DictConfig) -> None:
     """training.privacy: Opacus installed, a supported combination, no BatchNorm (on the meta device)."""
-    from src.engine.privacy import check_privacy, privacy_enabled
+    from src.techniques.privacy import check_privacy, privacy_enabled
 
     if not privacy_enabled(cfg):
         return
@@ -144,7 +144,7 @@ def check_parameter_patterns(cfg: DictConfig) -> None:
     if model is None:
         return
     if plan_unfreezing(model, cfg.training):
-        from src.engine.distributed import launched_by_torchrun
+        from src.distributed.process_group import launched_by_torchrun
 
         if launched_by_torchrun() or str(cfg.distributed.strategy) in ("ddp", "fsdp"):
             raise ConfigError(

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from src.engine.batch import batch_size, float_outputs, split_batch, take, to_device, total_loss
-from src.engine.distributed import all_reduce_sum
+from src.data.batch import batch_size, float_outputs, split_batch, take, to_device, total_loss
+from src.distributed.process_group import all_reduce_sum
 from src.engine.loss_parts import add_parts, part_metrics
 from src.engine.precision import Precision
 from src.engine.signals import Stopped

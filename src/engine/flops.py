@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from src.engine.batch import split_batch, to_device, total_loss
+from src.data.batch import split_batch, to_device, total_loss
 
 log = logging.getLogger("template")
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
+from src.checkpoint.train_state import TrainState
 from src.data.workers import DataWaitWatch
-from src.engine import distributed as dist_utils
+from src.distributed import process_group as dist_utils
 from src.engine.loss_parts import add_parts
 from src.engine.throughput import RateWindow
-from src.engine.train_state import TrainState
 
 log = logging.getLogger("template")
 

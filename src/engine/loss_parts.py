@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from src.engine.distributed import all_reduce_sum
+from src.distributed.process_group import all_reduce_sum
 
 
 def add_parts(sums: dict[str, torch.Tensor], value: Any, n: int) -> None:

@@ -93,7 +93,7 @@ class StopRequest:
 
     def agreed(self, device: object) -> Callable[[], bool]:
         """The check the final test makes before each batch: every rank stops at the same batch."""
-        from src.engine.distributed import any_rank
+        from src.distributed.process_group import any_rank
 
         self.testing = True
         return lambda: any_rank(self.requested, device)  # type: ignore[arg-type]

@@ -11,18 +11,18 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from src.checkpoint.checkpointer import describe_mismatch, load_checkpoint
 from src.data.split import transforms_for
-from src.engine import distributed as dist_utils
-from src.engine.atomic_files import write_folder
+from src.distributed import process_group as dist_utils
+from src.distributed.process_group import DistContext
 from src.engine.build import build_split, num_classes_of, require_num_classes
-from src.engine.checkpoint import describe_mismatch, load_checkpoint
-from src.engine.distributed import DistContext
 from src.engine.evaluate import evaluate
 from src.engine.precision import resolve_precision
 from src.errors import RunError
 from src.evaluators.build import build_evaluator
 from src.models.build import build_model
 from src.models.losses import build_loss
+from src.results.atomic_files import write_folder
 
 log = logging.getLogger("template")
 

@@ -24,29 +24,23 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from src.checkpoint.checkpointer import Checkpointer, load_pretrained_weights
+from src.checkpoint.rng import seed_everything, seed_per_rank
+from src.checkpoint.train_state import EarlyStopping, TrainState
 from src.data import transforms_for
+from src.data.batch import batch_size, rank_batch_sizes, split_batch, to_device, total_loss
 from src.data.workers import DataWaitWatch
-from src.engine import distributed as dist_utils
-from src.engine.batch import batch_size, rank_batch_sizes, split_batch, to_device, total_loss
-from src.engine.batchnorm import RECOMPUTE_BATCHES, batchnorm_layers, recompute_batchnorm, recompute_loader
+from src.distributed import process_group as dist_utils
+from src.distributed.parallel import grad_sync, prepare_model
+from src.distributed.process_group import DistContext
 from src.engine.build import build_split, num_classes_of, require_num_classes
-from src.engine.checkpoint import Checkpointer, load_pretrained_weights
-from src.engine.distillation import build_distiller
-from src.engine.distributed import DistContext
-from src.engine.ema import build_ema
 from src.engine.evaluate import evaluate
 from src.engine.flops import peak_flops, train_flops_per_sample
 from src.engine.log_window import LogWindow
 from src.engine.loop_setup import fused_on_cuda, in_background, step_lr
-from src.engine.parallel import grad_sync, prepare_model
 from src.engine.precision import configure_backends, resolve_precision
-from src.engine.privacy import build_privacy
 from src.engine.profiler import start_profiler
-from src.engine.rng import seed_everything, seed_per_rank
-from src.engine.run_dir import resume_command
-from src.engine.schedule_free import evaluation_weights
 from src.engine.signals import StopRequest
-from src.engine.train_state import EarlyStopping, TrainState
 from src.errors import ConfigError
 from src.evaluators import build_evaluator
 from src.models import build_loss, build_model, check_output_size
@@ -54,6 +48,17 @@ from src.models.freezing import plan_unfreezing
 from src.optim import build_optimizer, build_scheduler, is_schedule_free, set_optimizer_mode
 from src.optim.param_groups import describe as describe_groups
 from src.optim.param_groups import mark_base_lrs, unfreeze_due
+from src.optim.schedule_free import evaluation_weights
+from src.results.run_dir import resume_command
+from src.techniques.batchnorm import (
+    RECOMPUTE_BATCHES,
+    batchnorm_layers,
+    recompute_batchnorm,
+    recompute_loader,
+)
+from src.techniques.distillation import build_distiller
+from src.techniques.ema import build_ema
+from src.techniques.privacy import build_privacy
 from src.tracking.console import plural
 from src.tracking.start import activate_mlflow, prestart_mlflow, start_trackers
 
@@ -86,7 +91,7 @@ class Trainer:
         self.raw_model: Any = None  # the plain nn.Module whose state dict is saved
         self.loss_fn: Any = None
         self.distiller: Any = None  # None without a teacher
-        self.privacy: Any = None  # training.privacy (src/engine/privacy.py): Poisson batches, DP-SGD
+        self.privacy: Any = None  # training.privacy (src/techniques/privacy.py): Poisson batches, DP-SGD
         self.optimizer: Any = None
         self.schedule: Any = None  # None without lr_scheduler.name
         self.scaler: Any = None  # GradScaler, enabled for fp16 only

@@ -41,12 +41,12 @@ def lr_range_test(
     """Run the sweep on the config's train split; the model and optimizer are thrown away afterwards."""
     import torch
 
+    from src.checkpoint.rng import seed_everything
+    from src.data.batch import split_batch, to_device, total_loss
     from src.data.split import transforms_for
-    from src.engine import distributed as dist_utils
-    from src.engine.batch import split_batch, to_device, total_loss
+    from src.distributed import process_group as dist_utils
     from src.engine.build import build_split, num_classes_of
     from src.engine.precision import configure_backends, resolve_precision
-    from src.engine.rng import seed_everything
     from src.models.build import build_model
     from src.models.losses import build_loss
     from src.optim import build_optimizer
@@ -163,7 +163,7 @@ def suggest(lrs: list[float], smoothed: list[float]) -> float | None:
 
 def write_outputs(result: LRFindResult, cfg: DictConfig, stamp: str | None = None) -> Path:
     """`<output>/<dataset>/<ts>_lrfind_<model>/` with lr_find.csv and lr_find.png; returns the folder."""
-    from src.engine.run_dir import _slug
+    from src.results.run_dir import _slug
 
     stamp = stamp or datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     parent = Path(cfg.output) / _slug(cfg.dataset.name)

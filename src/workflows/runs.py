@@ -31,8 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.config import load_config
 from src.config.sections import flatten, to_plain
-from src.engine.run_dir import _slug
 from src.errors import ConfigError, RunError
+from src.results.run_dir import _slug
 
 log = logging.getLogger("template.workflows")
 

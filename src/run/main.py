@@ -12,13 +12,17 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from src.checkpoint.checkpointer import find_resume_state, load_checkpoint
 from src.config import load_config
-from src.engine import distributed as dist_utils
-from src.engine.atomic_files import NoRoomError, as_no_room, atomic_write
+from src.distributed import process_group as dist_utils
 from src.engine.build import preflight
-from src.engine.checkpoint import find_resume_state, load_checkpoint
 from src.engine.precision import nondeterministic_op, prepare_determinism
-from src.engine.run_dir import (
+from src.engine.signals import Stopped
+from src.engine.tester import run_test
+from src.engine.trainer import Trainer
+from src.errors import ConfigError, RunError, TemplateError
+from src.results.atomic_files import NoRoomError, as_no_room, atomic_write
+from src.results.run_dir import (
     config_changes,
     elastic_marker,
     new_run_dir,
@@ -27,11 +31,7 @@ from src.engine.run_dir import (
     run_dir_of,
     save_config,
 )
-from src.engine.run_lock import RunLock, lock_run_dir
-from src.engine.signals import Stopped
-from src.engine.tester import run_test
-from src.engine.trainer import Trainer
-from src.errors import ConfigError, RunError, TemplateError
+from src.results.run_lock import RunLock, lock_run_dir
 from src.tracking import setup_logging
 from src.tracking.start import experiment_name, resolve_uri
 from src.user_modules import import_user_modules

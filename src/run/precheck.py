@@ -1,6 +1,6 @@
 """Check a train.py / test.py command line once, before torchrun starts any worker.
 
-    python -m src.engine.precheck train.py CONFIG [key=value ...]
+    python -m src.run.precheck train.py CONFIG [key=value ...]
 
 torchrun.sh and multinode.sh run this first: a configuration error is then one `error:` line and
 exit 2, instead of that line from every worker followed by torchrun's ChildFailedError report.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from src.engine.cli import check_test_input, parse
+from src.run.cli import check_test_input, parse
 
 
 def main(argv: list[str]) -> int:

@@ -83,7 +83,7 @@ def save_config(cfg: DictConfig, run_dir: Path) -> Path:
         f"# Resume or extend it:  {resume_command(run_dir)} [epoch=N]\n"
         f"# Evaluate it:          python test.py {run_dir}/config.yaml\n"
     )
-    from src.engine.atomic_files import atomic_write
+    from src.results.atomic_files import atomic_write
 
     path = run_dir / "config.yaml"
     atomic_write(path, header + OmegaConf.to_yaml(cfg, resolve=True))  # a full disk leaves no config.yaml.tmp

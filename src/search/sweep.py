@@ -14,10 +14,10 @@ import random
 from pathlib import Path
 from typing import Any
 
-from src.engine.run_dir import _slug
 from src.errors import ConfigError, RunError
+from src.results.run_dir import _slug
+from src.search.search_space import parse
 from src.workflows import runs
-from src.workflows.search_space import parse
 
 
 def grid_points(

@@ -78,7 +78,7 @@ def main(
         return entry(args, load_config(args.config, args.overrides))
 
     code = run_cli(go, args.traceback)
-    dist_utils = sys.modules.get("src.engine.distributed")  # loaded only if the run got that far
+    dist_utils = sys.modules.get("src.distributed.process_group")  # loaded only if the run got that far
     if dist_utils is not None and dist_utils.started_process_group:
         dist_utils.exit_process(code)
     return code

@@ -49,8 +49,8 @@ def teacher_files(section: Any) -> tuple[Path, Path]:
 
 def build_teacher(section: Any, num_classes: int | None, device: torch.device) -> nn.Module:
     """The teacher model with its best weights, on `device`, in eval mode, frozen."""
+    from src.checkpoint.checkpointer import safe_load
     from src.config import load_config
-    from src.engine.checkpoint import safe_load
     from src.models.build import build_model
     from src.user_modules import import_user_modules
 

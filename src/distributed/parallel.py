@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from src.config.schema import PRECISIONS
-from src.engine.distributed import DistContext
+from src.distributed.process_group import DistContext
 from src.errors import ConfigError
 
 log = logging.getLogger("template")

@@ -27,15 +27,15 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from src.engine import distributed as dist_utils
-from src.engine.atomic_files import NoRoomError, atomic_save
-from src.engine.checkpoint_writer import CheckpointWriter
-from src.engine.rng import capture_rng, restore_rng
-from src.engine.run_dir import resume_command
-from src.engine.schedule_free import evaluation_weights, train_weights
-from src.engine.train_state import TrainState, improved
+from src.checkpoint.rng import capture_rng, restore_rng
+from src.checkpoint.train_state import TrainState, improved
+from src.checkpoint.writer import CheckpointWriter
+from src.distributed import process_group as dist_utils
 from src.errors import RunError
+from src.optim.schedule_free import evaluation_weights, train_weights
 from src.optim.schedulers import replan
+from src.results.atomic_files import NoRoomError, atomic_save
+from src.results.run_dir import resume_command
 
 log = logging.getLogger("template")
 

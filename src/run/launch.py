@@ -1,6 +1,6 @@
 """torchrun for torchrun.sh and multinode.sh, quiet about a worker's configuration error.
 
-    python -m src.engine.launch [TORCHRUN ARGS...] SCRIPT [ARGS...]
+    python -m src.run.launch [TORCHRUN ARGS...] SCRIPT [ARGS...]
 
 When the first worker to fail exited with code 2 (a configuration or usage error: it has already
 printed its one `error:` line), the job ends with exit 2 instead of torchrun's ChildFailedError

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from src.engine import distributed as dist_utils
-from src.engine.batch import split_batch, to_device
-from src.engine.rng import capture_rng, restore_rng
+from src.checkpoint.rng import capture_rng, restore_rng
+from src.data.batch import split_batch, to_device
+from src.distributed import process_group as dist_utils
 
 log = logging.getLogger("template")
 

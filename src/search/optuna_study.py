@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from src.errors import ConfigError, RunError
+from src.search.search_space import Dimension, override_value, parse
+from src.search.sweep import metric_and_mode
 from src.workflows import runs
-from src.workflows.search_space import Dimension, override_value, parse
-from src.workflows.sweep import metric_and_mode
 
 log = logging.getLogger("template.workflows")
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from src.engine.atomic_files import atomic_save
 from src.errors import RunError
+from src.results.atomic_files import atomic_save
 
 
 class HostSnapshot:

@@ -71,7 +71,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    from src.engine.cli import run_cli
+    from src.run.cli import run_cli
 
     args = parse(argv)
     return run_cli(lambda: launch(args), args.traceback)
@@ -180,7 +180,7 @@ def _worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from src.engine.run import train_main
+    from src.run.main import train_main
 
     os.chdir(config["cwd"])
     if str(ROOT) not in sys.path:

@@ -41,7 +41,7 @@ def check_privacy(cfg: DictConfig, model: nn.Module | None = None) -> None:
         return
     _opacus()
     from src.config.schema import PRECISIONS
-    from src.engine.distributed import launched_by_torchrun
+    from src.distributed.process_group import launched_by_torchrun
 
     strategy = str(cfg.distributed.strategy)
     gpus = [g for g in str(cfg.gpu.use).split(",") if g.strip()]
