@@ -3,7 +3,7 @@
 The `Checkpointer` is handed the model, optimizer, schedule, scaler, EMA and the run's progress
 (TrainState, which also holds the sampler's position: `batches_done`). A save copies the state to
 host memory at the step boundary and hands it to the background `CheckpointWriter`, which writes,
-fsyncs and renames it (atomic_files.py) while training goes on. At most one write is in flight: the
+fsyncs and renames it (src/results/atomic_files.py) while training goes on. At most one write is in flight: the
 next save, the end of training, a stop signal and every failure path wait for it, and its error
 surfaces there as one line. Tracker commits (MLflow's exactly-once metrics) run only once the
 files are published. Under FSDP the sharded model and optimizer go to a DCP folder, written in the

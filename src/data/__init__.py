@@ -1,4 +1,7 @@
-"""Datasets, transforms, the resumable sampler and loader building; importing registers them all."""
+"""Datasets, transforms, the resumable sampler and loader building; importing registers them all.
+
+May import config, registry and errors; never models, optim or anything that runs a loop.
+"""
 
 from src.data.datasets import (
     CIFAR10,

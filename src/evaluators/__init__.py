@@ -2,6 +2,8 @@
 
 Importing this package registers the built-in `classification_evaluator`. A custom one subclasses
 BaseEvaluator and registers itself with `@EVALUATOR_REGISTRY.register("my_evaluator")`.
+
+May import config, registry and errors only.
 """
 
 from src.evaluators.base import BaseEvaluator

@@ -12,6 +12,8 @@ targets)` returns a scalar tensor, or a dict of named scalar tensors whose sum i
     class DistillLoss(nn.Module):
         def forward(self, outputs, targets):
             return {"ce": ..., "kd": ...}
+
+May import config, registry and errors; never data, optim or anything that runs a loop.
 """
 
 from src.models.build import build_model, check_output_size

@@ -1,1 +1,4 @@
-"""TODO"""
+"""What a run leaves on disk: its timestamped result directory, files written atomically, the lock.
+
+May import errors and config only.
+"""

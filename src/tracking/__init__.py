@@ -1,6 +1,8 @@
 """Where a run's metrics go: metrics.jsonl, MLflow, TensorBoard, the console log and progress bars.
 
 Importing this package is cheap: MLflow, TensorBoard and tqdm load when first used.
+
+May import config only; the loop hands it numbers, it never reaches back.
 """
 
 from src.tracking.base import MultiTracker, Tracker
