@@ -112,7 +112,9 @@ def test_each_folder_is_small_and_says_what_it_holds(folder: str) -> None:
     assert len(files) <= MAX_FILES, f"src/{folder}/ holds {len(files)} files: split it by concept"
     assert lines <= MAX_LINES, f"src/{folder}/ holds {lines} lines: split it by concept"
     doc = ast.get_docstring(ast.parse((SRC / folder / "__init__.py").read_text()))
-    assert doc and "import" in doc, f"src/{folder}/__init__.py must say what lives there and what it may import"
+    assert doc and "import" in doc, (
+        f"src/{folder}/__init__.py must say what lives there and what it may import"
+    )
 
 
 def test_the_checker_sees_an_upward_import(tmp_path: Path) -> None:
