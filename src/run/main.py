@@ -66,13 +66,7 @@ def train_main(
     cfg = OmegaConf.merge(cfg, {"run_dir": str(run_dir)})
     if ctx.is_main:
         cfg = resolve_uri(cfg)
-        try:  # a full disk here: a new directory goes, a resumed one keeps its config.yaml
-            save_config(cfg, run_dir)
-        except NoRoomError as err:
-            if not fresh:
-                raise NoRoomError(f"{err}, then resume with: {resume_command(run_dir)}") from None
-            _remove_new_dir(run_dir)
-            raise NoRoomError(f"{err}, then run the same command again") from None
+        _save_config(cfg, run_dir, fresh)
     setup_logging(run_dir / "train.log", ctx.rank, debug=bool(cfg.debug))
     log.info("result directory: %s", run_dir)
     if ctx.is_main:  # summary.txt marks a finished run; a resumed one is not finished until it says so again
@@ -119,36 +113,54 @@ def train_main(
         else:
             log.error("run failed: %s", err)
         raise
-    except RuntimeError as err:
-        op = nondeterministic_op(err)
-        if op is None or not cfg.gpu.get("deterministic", False):
-            log.exception("run failed")
-            raise
-        problem = RunError(
-            f"{op} has no deterministic implementation, and gpu.deterministic=true allows only deterministic "
-            "kernels; replace the op in your code, or set gpu.deterministic=false"
-        )
-        log.error("run failed: %s", problem)
-        raise problem from None
     except Exception as err:
-        full = as_no_room(err, str(run_dir))
-        if full is None:
+        problem = _explained(err, cfg, run_dir)
+        if problem is None:
             log.exception("run failed")
             raise
-        problem = NoRoomError(f"{full}, then resume with: {resume_command(run_dir)}")
         log.error("run failed: %s", problem)
         raise problem from None
     finally:
-        trainer.stop.uninstall()
-        if trainer.trackers is not None:
-            _finish_trackers(trainer.trackers, status, run_dir)
-        if status == "FAILED":
-            _say_failed(run_dir)
-        if trainer.checkpointer is not None:
-            trainer.checkpointer.close()
-        dist_utils.cleanup()
-        if lock is not None:
-            lock.release()
+        _close(trainer, status, run_dir, lock)
+
+
+def _save_config(cfg: DictConfig, run_dir: Path, fresh: bool) -> None:
+    """Write the run's config.yaml; on a full disk a new directory goes, a resumed one keeps its config."""
+    try:
+        save_config(cfg, run_dir)
+    except NoRoomError as err:
+        if not fresh:
+            raise NoRoomError(f"{err}, then resume with: {resume_command(run_dir)}") from None
+        _remove_new_dir(run_dir)
+        raise NoRoomError(f"{err}, then run the same command again") from None
+
+
+def _explained(err: Exception, cfg: DictConfig, run_dir: Path) -> TemplateError | None:
+    """A failure the user can act on, said in one line (None: an unexpected error, shown with its traceback)."""
+    if isinstance(err, RuntimeError):
+        op = nondeterministic_op(err)
+        if op is None or not cfg.gpu.get("deterministic", False):
+            return None
+        return RunError(
+            f"{op} has no deterministic implementation, and gpu.deterministic=true allows only "
+            "deterministic kernels; replace the op in your code, or set gpu.deterministic=false"
+        )
+    full = as_no_room(err, str(run_dir))
+    return None if full is None else NoRoomError(f"{full}, then resume with: {resume_command(run_dir)}")
+
+
+def _close(trainer: Trainer, status: str, run_dir: Path, lock: RunLock | None) -> None:
+    """However the run ended: stop handlers off, trackers told how, pending writes done, the lock freed."""
+    trainer.stop.uninstall()
+    if trainer.trackers is not None:
+        _finish_trackers(trainer.trackers, status, run_dir)
+    if status == "FAILED":
+        _say_failed(run_dir)
+    if trainer.checkpointer is not None:
+        trainer.checkpointer.close()
+    dist_utils.cleanup()
+    if lock is not None:
+        lock.release()
 
 
 def test_main(

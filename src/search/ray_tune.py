@@ -99,17 +99,7 @@ def tune_search(
     print(
         f"Ray Tune over {', '.join(d.key for d in dims)}, {metric} ({mode}): summary in {summary}", flush=True
     )
-    python_path = os.pathsep.join(
-        p for p in (str(runs.ROOT), os.getcwd(), os.environ.get("PYTHONPATH", "")) if p
-    )
-    env = {"PYTHONPATH": python_path}
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env})
-    else:
-        # A stopped trial's worker must leave its train.py to save and exit on the SIGTERM it gets:
-        # by default Ray kills a dead worker's child processes outright.
-        ray.init(include_dashboard=False, runtime_env={"env_vars": env},
-                 _system_config={"kill_child_processes_on_worker_exit": False})  # fmt: skip
+    _start_ray(ray, address)
     trainable = tune.with_resources(
         tune.with_parameters(_trial, config=str(Path(config).resolve()), fixed=fixed, keys=[d.key for d in dims],
                              tag=str(base.tag or ""), watched=_watched(metric), logs=str(summary / "logs")),
@@ -117,38 +107,10 @@ def tune_search(
     )  # fmt: skip
     try:
         if can_restore:
-            print(f"restoring the Tune experiment in {experiment}", flush=True)
-            try:
-                tuner = tune.Tuner.restore(
-                    str(experiment), trainable, resume_unfinished=True, resume_errored=True
-                )
-            except Exception as err:  # Ray writes its experiment state in place: a SIGKILL can leave it cut
-                raise RunError(
-                    f"Tune's experiment state in {experiment} cannot be read ({str(err).splitlines()[0][:200]}); "
-                    "move that folder aside and run again for a new experiment. The trials' result "
-                    "directories are intact: python train.py <run>/config.yaml resumes each"
-                ) from None
+            tuner = _restored_tuner(tune, experiment, trainable)
         else:
-            scheduler = None
-            if asha:  # max_t beyond the last epoch: a trial that reaches it is never stopped before its test
-                from ray.tune.schedulers import ASHAScheduler
-
-                scheduler = ASHAScheduler(time_attr="epoch", max_t=int(base.epoch) + 1, grace_period=1,
-                                          reduction_factor=2)  # fmt: skip
-            tuner = tune.Tuner(
-                trainable,
-                param_space=param_space(dims),
-                tune_config=tune.TuneConfig(
-                    metric=_watched(metric),
-                    mode=mode,
-                    num_samples=samples,
-                    scheduler=scheduler,
-                    max_concurrent_trials=max_concurrent,
-                    reuse_actors=False,  # a stopped trial's worker exits, so its run is told to stop
-                    trial_dirname_creator=trial_dirname,
-                ),
-                run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(summary), verbose=1),
-            )
+            tuner = _new_tuner(tune, trainable, dims, summary, metric, mode, samples,
+                               asha=asha, max_t=int(base.epoch) + 1, max_concurrent=max_concurrent)  # fmt: skip
         grid = tuner.fit()
     finally:
         ray.shutdown()
@@ -166,6 +128,68 @@ def tune_search(
             f"trial(s) {', '.join(errors)} failed; fix the cause and run the same command to resume"
         )
     return 0
+
+
+def _start_ray(ray: Any, address: str | None) -> None:
+    """Join the cluster at `address`, or start a local one; trials import this checkout's src/."""
+    python_path = os.pathsep.join(
+        p for p in (str(runs.ROOT), os.getcwd(), os.environ.get("PYTHONPATH", "")) if p
+    )
+    env = {"PYTHONPATH": python_path}
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env})
+    else:
+        # A stopped trial's worker must leave its train.py to save and exit on the SIGTERM it gets:
+        # by default Ray kills a dead worker's child processes outright.
+        ray.init(include_dashboard=False, runtime_env={"env_vars": env},
+                 _system_config={"kill_child_processes_on_worker_exit": False})  # fmt: skip
+
+
+def _restored_tuner(tune: Any, experiment: Path, trainable: Any) -> Any:
+    """The interrupted experiment, its unfinished and errored trials resumed; one line if Ray cannot read it."""
+    print(f"restoring the Tune experiment in {experiment}", flush=True)
+    try:
+        return tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=True)
+    except Exception as err:  # Ray writes its experiment state in place: a SIGKILL can leave it cut
+        raise RunError(
+            f"Tune's experiment state in {experiment} cannot be read ({str(err).splitlines()[0][:200]}); "
+            "move that folder aside and run again for a new experiment. The trials' result "
+            "directories are intact: python train.py <run>/config.yaml resumes each"
+        ) from None
+
+
+def _new_tuner(
+    tune: Any,
+    trainable: Any,
+    dims: list[Any],
+    summary: Path,
+    metric: str,
+    mode: str,
+    samples: int,
+    asha: bool,
+    max_t: int,
+    max_concurrent: int | None,
+) -> Any:
+    """A new experiment stored in the summary folder; with `asha`, `max_t` is past the last epoch."""
+    scheduler = None
+    if asha:  # max_t beyond the last epoch: a trial that reaches it is never stopped before its test
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=1, reduction_factor=2)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(dims),
+        tune_config=tune.TuneConfig(
+            metric=_watched(metric),
+            mode=mode,
+            num_samples=samples,
+            scheduler=scheduler,
+            max_concurrent_trials=max_concurrent,
+            reuse_actors=False,  # a stopped trial's worker exits, so its run is told to stop
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(summary), verbose=1),
+    )
 
 
 def _watched(metric: str) -> str:
