@@ -68,7 +68,8 @@ def main() -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         import_user_modules(list(cfg.imports))
-        model = build_model(cfg, num_classes(cfg))
+        privacy = (cfg.get("training") or {}).get("privacy")
+        model = build_model(cfg.model, num_classes(cfg), privacy=privacy)
     except TemplateError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

@@ -17,7 +17,7 @@ def test_a_run_that_never_validates_writes_no_best_and_test_py_takes_last(tmp_pa
         "logging.mlflow=false", "logging.tensorboard=false", *MLP, "epoch=2", "batch=16",
         "dataset.train_size=32", "evaluation.frequency=0", "checkpoint.save_best=true",
     ])  # fmt: skip
-    ctx = dist_utils.setup(cfg)
+    ctx = dist_utils.setup(cfg.distributed, cfg.gpu)
     trainer = Trainer(cfg, ctx, tmp_path, resume=None)
     try:
         state = trainer.fit()
@@ -40,11 +40,12 @@ def test_pruning_keeps_the_dcp_folders_the_record_says_are_used_without_reading_
     from src.checkpoint.train_state import TrainState
 
     cfg = load_config(ROOT / "config" / "dummy.yaml", ["logging.mlflow=false"])
-    ctx = dist_utils.setup(cfg)
+    ctx = dist_utils.setup(cfg.distributed, cfg.gpu)
     model = torch.nn.Linear(2, 2)
     parts = {"raw_model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1), "schedule": None,
              "scaler": torch.amp.GradScaler("cpu", enabled=False), "ema": None}  # fmt: skip
-    saver = Checkpointer(cfg, ctx, tmp_path, parts, TrainState(), epochs=3)
+    saver = Checkpointer(cfg.checkpoint, ctx, tmp_path, parts, TrainState(), epochs=3, batch=cfg.batch,
+                         model_name=cfg.model.name, timeout_minutes=cfg.distributed.timeout_minutes)  # fmt: skip
     folders = tmp_path / "checkpoints"
     for step in (1, 2, 3, 4):
         (folders / f"dcp_step_{step:08d}").mkdir(parents=True)

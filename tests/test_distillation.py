@@ -51,7 +51,7 @@ def test_distillation_loss_weights_task_and_softened_teacher():
 
 def predictions(run: Path, inputs: torch.Tensor) -> torch.Tensor:
     cfg = OmegaConf.load(run / "config.yaml")
-    model = build_model(cfg, 10)
+    model = build_model(cfg.model, 10)
     model.load_state_dict(torch.load(run / "checkpoints" / "last.pth", weights_only=True)["model"])
     return model.eval()(inputs).argmax(1)
 

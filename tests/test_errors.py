@@ -281,7 +281,9 @@ def test_model_that_cannot_take_the_inputs():
     cfg = load_config(ROOT / DUMMY, ["dataset.input_shape=[1,16,16]"])
     dataset = build_dataset(cfg.dataset, split="val", transform=None)
     with pytest.raises(ConfigError) as err:
-        check_output_size(cfg, build_model(cfg, 10), dataset, 10, torch.device("cpu"))
+        check_output_size(
+            build_model(cfg.model, 10), dataset, 10, torch.device("cpu"), cfg.model.name, cfg.dataset.name
+        )
     assert_words(str(err.value), "cannot take the inputs", "(1, 16, 16)", "3 channels")
 
 
@@ -453,7 +455,8 @@ def test_ddp_without_torchrun(monkeypatch):
     for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE", "RANK"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ConfigError, match=r"distributed.strategy=ddp needs torchrun: ./torchrun.sh"):
-        setup(load_config(ROOT / DUMMY, ["distributed.strategy=ddp", "gpu.device=cpu"]))
+        cfg = load_config(ROOT / DUMMY, ["distributed.strategy=ddp", "gpu.device=cpu"])
+        setup(cfg.distributed, cfg.gpu)
 
 
 def test_result_root_not_writable(tmp_path):

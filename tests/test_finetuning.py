@@ -39,7 +39,7 @@ def mlp_cfg(**model: object) -> object:
 
 
 def test_freeze_globs_take_parameters_out_of_training_and_the_optimizer():
-    model = build_model(mlp_cfg(freeze=["net.1.*"]), num_classes=3)
+    model = build_model(mlp_cfg(freeze=["net.1.*"]).model, num_classes=3)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen == {"net.1.weight", "net.1.bias"}
     optimizer = build_optimizer({"name": "SGD", "lr": 0.1}, model)
@@ -51,7 +51,7 @@ def test_freeze_globs_take_parameters_out_of_training_and_the_optimizer():
 
 def test_a_pattern_that_matches_nothing_names_close_parameters():
     with pytest.raises(ConfigError) as err:
-        build_model(mlp_cfg(freeze=["nett.1.*"]), num_classes=3)
+        build_model(mlp_cfg(freeze=["nett.1.*"]).model, num_classes=3)
     assert "nett.1.*" in str(err.value) and "net.1.*" in str(err.value)
 
 
@@ -81,7 +81,7 @@ def test_show_model_marks_frozen_layers():
 
 
 def test_param_groups_set_layer_wise_lr_and_the_rest_keep_the_top_level():
-    model = build_model(mlp_cfg(), num_classes=3)
+    model = build_model(mlp_cfg().model, num_classes=3)
     section = {
         "name": "AdamW",
         "lr": 1e-3,
@@ -111,7 +111,7 @@ def test_param_groups_set_layer_wise_lr_and_the_rest_keep_the_top_level():
 @pytest.mark.parametrize("section", [{"name": "CosineAnnealingLR"}, {"name": "CosineAnnealingLR", "warmup": 3},
                                      {"name": "OneCycleLR"}])  # fmt: skip
 def test_an_added_group_joins_the_schedule_where_it_stands(section):
-    model = build_model(mlp_cfg(freeze=["net.1.*"]), num_classes=3)
+    model = build_model(mlp_cfg(freeze=["net.1.*"]).model, num_classes=3)
     optimizer = build_optimizer({"name": "SGD", "lr": 0.1}, model)
     schedule = build_scheduler(section, optimizer, steps_per_epoch=1, epochs=6)
     mark_base_lrs(optimizer)
@@ -128,7 +128,7 @@ def test_an_added_group_joins_the_schedule_where_it_stands(section):
 
 def test_freeze_backbone_epochs_freezes_all_but_the_replaced_head():
     cfg = OmegaConf.create({"model": {"name": "resnet18", "weights": None}})
-    model = build_model(cfg, num_classes=4)
+    model = build_model(cfg.model, num_classes=4)
     (stage,) = plan_unfreezing(model, OmegaConf.create({"freeze_backbone_epochs": 2, "unfreeze": []}))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"fc.weight", "fc.bias"}
@@ -136,7 +136,7 @@ def test_freeze_backbone_epochs_freezes_all_but_the_replaced_head():
 
 
 def test_unfreeze_needs_frozen_parameters():
-    model = build_model(mlp_cfg(), num_classes=3)
+    model = build_model(mlp_cfg().model, num_classes=3)
     with pytest.raises(ConfigError, match="matches no frozen parameter"):
         plan_unfreezing(model, OmegaConf.create({"unfreeze": [{"epoch": 1, "params": ["net.1.*"]}]}))
     freeze(model, ["net.1.*"])
@@ -182,7 +182,7 @@ def test_sigkill_across_the_unfreeze_epoch_resumes_bit_exact(tmp_path):
     after1, final = ckpt(ref, "epoch_0001.pth"), ckpt(ref, "last.pth")
     cfg = OmegaConf.load(ref / "config.yaml")
     torch.manual_seed(int(cfg.seed))
-    fresh = build_model(OmegaConf.merge(cfg, {"model": {"name": "MLP"}}), num_classes=10).state_dict()
+    fresh = build_model(OmegaConf.merge(cfg, {"model": {"name": "MLP"}}).model, num_classes=10).state_dict()
     assert torch.equal(after1["model"]["net.1.weight"], fresh["net.1.weight"])
     assert not torch.equal(final["model"]["net.1.weight"], fresh["net.1.weight"])
     assert len(after1["optimizer"]["param_groups"]) == 2 and len(final["optimizer"]["param_groups"]) == 3

@@ -59,7 +59,7 @@ def test_basic_training_setup_block(tmp_path, monkeypatch):
     assert (cfg.dataset.name, cfg.model.name, cfg.batch, cfg.epoch) == ("my_dataset", "resnet50", 32, 100)
     assert cfg.gpu.mixed_precision is True and cfg.gpu.use == "0"
     preflight(cfg)
-    model = build_model(cfg, num_classes=10)
+    model = build_model(cfg.model, num_classes=10)
     assert model.fc.out_features == 10
     optimizer = build_optimizer(cfg.optimizer, model)
     assert optimizer.param_groups[0]["weight_decay"] == 0.01

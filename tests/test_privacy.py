@@ -18,6 +18,7 @@ pytest.importorskip("opacus")
 
 import src  # noqa: F401  (registers the built-in components)
 from src.config import load_config
+from src.engine.build import privacy_checked_sections
 from src.errors import ConfigError
 from src.models import build_model
 from src.techniques.privacy import PoissonSampler, Privacy, check_privacy
@@ -49,8 +50,8 @@ def mlp_private(noise: float, clip: float) -> tuple[torch.nn.Module, torch.nn.Mo
         f"training.privacy.noise_multiplier={noise}", f"training.privacy.max_grad_norm={clip}",
     )  # fmt: skip
     torch.manual_seed(0)
-    raw = build_model(cfg, num_classes=3)
-    privacy = Privacy(cfg, num_samples=40)
+    raw = build_model(cfg.model, num_classes=3, privacy=cfg.training.privacy)
+    privacy = Privacy(cfg.training.privacy, num_samples=40, batch=cfg.batch, seed=cfg.seed, epochs=cfg.epoch)
     model = privacy.wrap_model(raw)
     optimizer = privacy.wrap_optimizer(torch.optim.SGD(raw.parameters(), lr=0.0))
     return raw, model, optimizer
@@ -96,11 +97,13 @@ def test_poisson_draws_depend_on_seed_and_epoch_only():
 def test_refusals_are_one_line_config_errors(monkeypatch):
     cfg = private_cfg()  # the default SimpleCNN has BatchNorm
     with pytest.raises(ConfigError, match=r"BatchNorm.*fix_model=true"):
-        check_privacy(cfg, build_model(cfg, num_classes=10))
+        check_privacy(
+            **privacy_checked_sections(cfg), model=build_model(cfg.model, 10, privacy=cfg.training.privacy)
+        )
     fixed = private_cfg("training.privacy.fix_model=true")
-    model = build_model(fixed, num_classes=10)
+    model = build_model(fixed.model, num_classes=10, privacy=fixed.training.privacy)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    check_privacy(fixed, model)
+    check_privacy(**privacy_checked_sections(fixed), model=model)
     for override, words in [
         ("training.accumulate_grad_batches=2", "accumulate_grad_batches"),
         ("training.gradient_clip_norm=1.0", "gradient_clip_norm"),
@@ -109,12 +112,12 @@ def test_refusals_are_one_line_config_errors(monkeypatch):
         ("gpu.precision=16", "fp16"),
     ]:
         with pytest.raises(ConfigError, match=words):
-            check_privacy(private_cfg(override))
+            check_privacy(**privacy_checked_sections(private_cfg(override)))
     with pytest.raises(ConfigError, match=r"'training.privacy.max_grad_norm' must be > 0"):
         private_cfg("training.privacy.max_grad_norm=0")
     monkeypatch.setitem(sys.modules, "opacus", None)  # as if the extra were not installed
     with pytest.raises(ConfigError, match=r'pip install -e "\.\[privacy\]"'):
-        check_privacy(private_cfg())
+        check_privacy(**privacy_checked_sections(private_cfg()))
 
 
 def test_train_py_refuses_a_batchnorm_model_before_writing_anything(tmp_path):
@@ -162,8 +165,8 @@ def _one_noisy_step(secure: bool, noise: float = 1.0) -> list[torch.Tensor]:
     cfg = private_cfg("model.name=MLP", "model.in_features=6", "model.hidden=[5]", "batch=4",
                       f"training.privacy.noise_multiplier={noise}", f"training.privacy.secure_mode={secure}")  # fmt: skip
     torch.manual_seed(0)
-    raw = build_model(cfg, num_classes=3)
-    privacy = Privacy(cfg, num_samples=40)
+    raw = build_model(cfg.model, num_classes=3, privacy=cfg.training.privacy)
+    privacy = Privacy(cfg.training.privacy, num_samples=40, batch=cfg.batch, seed=cfg.seed, epochs=cfg.epoch)
     model = privacy.wrap_model(raw)
     optimizer = privacy.wrap_optimizer(torch.optim.SGD(raw.parameters(), lr=0.0))
     torch.manual_seed(1)
@@ -257,9 +260,8 @@ def test_sigkill_mid_epoch_resumes_bit_exact_with_the_same_epsilon(tmp_path):
 
 
 def test_target_epsilon_picks_the_noise_that_spends_it_by_the_last_epoch():
-    privacy = Privacy(
-        private_cfg("epoch=3", "batch=8", "training.privacy.target_epsilon=2.0"), num_samples=48
-    )
+    cfg = private_cfg("epoch=3", "batch=8", "training.privacy.target_epsilon=2.0")
+    privacy = Privacy(cfg.training.privacy, num_samples=48, batch=cfg.batch, seed=cfg.seed, epochs=cfg.epoch)
     assert privacy.noise_multiplier > 1.1
     privacy._account(3 * 6)  # every draw of three epochs
     assert privacy.epsilon() == pytest.approx(2.0, abs=0.02)

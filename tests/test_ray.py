@@ -144,7 +144,7 @@ def test_adopted_process_group_is_not_destroyed(monkeypatch, caplog):
     try:
         cfg = load_config(ROOT / "config" / "dummy.yaml", ["gpu.device=cpu"])
         with caplog.at_level("INFO", logger="template"):
-            ctx = dist_utils.setup(cfg)
+            ctx = dist_utils.setup(cfg.distributed, cfg.gpu)
         assert ctx.strategy == "ddp" and ctx.world_size == 1
         assert "process group of the launcher adopted: backend gloo, timeout 0:01:17" in caplog.text
         dist_utils.cleanup()

@@ -59,7 +59,7 @@ def _val_loss(run: Path, weights: dict) -> float:
     """The val loss of `weights`, computed here from the run's own config, over every val sample."""
     cfg = load_config(run / "config.yaml")
     split = build_split(cfg, "val", CPU, shuffle=False, transforms={})
-    model = build_model(cfg, 10)
+    model = build_model(cfg.model, 10)
     model.load_state_dict(weights)
     model.eval()
     with torch.no_grad():
@@ -159,7 +159,7 @@ def test_schedule_free_batchnorm_statistics_belong_to_the_evaluated_weights(tmp_
     # Recompute here: the first BatchNorm's input mean over the whole train split (64 items, 4
     # equal batches, so the batches' order and make-up do not change the mean).
     cfg = load_config(run / "config.yaml")
-    model = build_model(cfg, 10)
+    model = build_model(cfg.model, 10)
     model.load_state_dict(saved)
     data = SyntheticClassification("train", input_shape=(3, 16, 16), train_size=64)
     inputs = torch.stack([data[i][0] for i in range(len(data))])

@@ -243,7 +243,7 @@ def count_syncs(tmp: Path, train_size: int, log_frequency: int) -> int:
         f"logging.log_frequency={log_frequency}", "training.gradient_clip_norm=1.0", "model.ema=0.9",
         "training.accumulate_grad_batches=2", "optimizer.name=SGD", "optimizer.momentum=0.9", "lr_scheduler.name=null",
     ])  # fmt: skip
-    ctx = dist_utils.setup(cfg)
+    ctx = dist_utils.setup(cfg.distributed, cfg.gpu)
     trainer = Trainer(cfg, ctx, tmp, resume=None)
     try:
         with Count():

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
 from src.checkpoint.rng import capture_rng, restore_rng
 from src.checkpoint.train_state import TrainState, improved
@@ -45,15 +44,25 @@ class Checkpointer:
 
     def __init__(
         self,
-        cfg: DictConfig,
+        section: Any,
         ctx: Any,
         run_dir: Path,
         parts: dict[str, Any],
         progress: TrainState,
         epochs: int,
+        *,
+        batch: int,
+        model_name: str,
+        timeout_minutes: int,
     ) -> None:
-        """`parts`: raw_model, optimizer, schedule (or None), scaler, ema (or None), privacy (optional)."""
-        self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
+        """`section`: the config's checkpoint section (what to save when, what ranks best).
+
+        `parts`: raw_model, optimizer, schedule (or None), scaler, ema (or None), privacy (optional).
+        `batch` is recorded in each save, `model_name` names the model when weights
+        do not fit, `timeout_minutes` (distributed.timeout_minutes) bounds FSDP's checkpoint collectives.
+        """
+        self.section, self.ctx, self.run_dir = section, ctx, run_dir
+        self.batch, self.model_name, self.timeout_minutes = int(batch), str(model_name), int(timeout_minutes)
         self.ckpt_dir = run_dir / "checkpoints"
         self.raw_model: torch.nn.Module = parts["raw_model"]
         self.optimizer: torch.optim.Optimizer = parts["optimizer"]
@@ -76,22 +85,22 @@ class Checkpointer:
 
         Nothing is named best.pth before a validation has measured `checkpoint.monitor`.
         """
-        cfg, st = self.cfg.checkpoint, self.progress
+        section, st = self.section, self.progress
         names: list[str] = []
-        freq = int(cfg.save_frequency)
+        freq = int(section.save_frequency)
         if freq and (epoch + 1) % freq == 0:
             names.append(f"epoch_{epoch + 1:04d}.pth")
-        value = metrics.get(str(cfg.monitor))
+        value = metrics.get(str(section.monitor))
         if value is None or not math.isfinite(value):  # a NaN metric is never best, nor in the top k
             return names
-        if improved(value, st.best_value, cfg.mode):
+        if improved(value, st.best_value, section.mode):
             st.best_value, st.best_epoch = value, epoch + 1
-            if cfg.save_best:
+            if section.save_best:
                 names.append("best.pth")
-        k = int(cfg.save_top_k)
+        k = int(section.save_top_k)
         if k > 1:
             name = f"top_epoch_{epoch + 1:04d}.pth"
-            ranked = sorted([*st.top_k, [value, name]], key=lambda t: t[0], reverse=cfg.mode == "max")
+            ranked = sorted([*st.top_k, [value, name]], key=lambda t: t[0], reverse=section.mode == "max")
             st.top_k = ranked[:k]
             if [value, name] in st.top_k:
                 names.append(name)
@@ -121,7 +130,7 @@ class Checkpointer:
                 "progress": asdict(st),
                 "rng": rng,
                 "world_size": ctx.world_size,
-                "batch": int(self.cfg.batch),
+                "batch": self.batch,
             }
             if self.privacy is not None:
                 state["privacy"] = self.privacy.state_dict()
@@ -143,7 +152,7 @@ class Checkpointer:
                     self.trackers.settle()
                 state["tracking"] = self.trackers.state()
             names = set(extra_names)
-            if self.cfg.checkpoint.save_last or not names:  # a save always leaves a resumable file
+            if self.section.save_last or not names:  # a save always leaves a resumable file
                 names.add("last.pth")
             keep_top = {name for _, name in st.top_k}
             live_dcp = self._record_dcp(sorted(names), state.get("dcp"), keep_top)
@@ -311,7 +320,7 @@ class Checkpointer:
             # runs its own: on the default group the two streams would reach each rank in a
             # different order and mismatch (a hang or mixed-up data). Gloo: DCP's object
             # collectives need a CPU backend, and the default group is NCCL on GPUs.
-            minutes = int(self.cfg.distributed.timeout_minutes)  # not gloo's default 30 minutes
+            minutes = self.timeout_minutes  # not gloo's default 30 minutes
             self.shard_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=minutes))
         msd, osd = get_state_dict(self.raw_model, self.optimizer)
         future = dcp.async_save(
@@ -399,7 +408,7 @@ class Checkpointer:
     def _load_model_weights(self, weights: dict[str, torch.Tensor], strict: bool) -> None:
         mismatch = describe_mismatch(self.raw_model, weights)
         if mismatch and strict:
-            raise RunError(f"the checkpoint does not fit model '{self.cfg.model.name}': {mismatch}")
+            raise RunError(f"the checkpoint does not fit model '{self.model_name}': {mismatch}")
         result = self.raw_model.load_state_dict(weights, strict=False)
         if mismatch:
             log.warning("loaded weights with differences: %s (missing=%d, unexpected=%d)", mismatch,

@@ -29,36 +29,38 @@ def transforms_for(cfg: DictConfig) -> dict:
 
 
 def build_split(
-    cfg: DictConfig,
+    section: Any,
     split: str,
     shuffle: bool,
     transforms: dict,
+    loader_section: Any,
+    batch: int,
+    seed: int,
     rank: int = 0,
     world_size: int = 1,
     device_type: str = "cpu",
 ) -> Split:
-    """`split` of `cfg.dataset`; `rank` of `world_size` processes reads its share, on `device_type`."""
-    dataset = build_dataset(cfg.dataset, split=split, transform=transforms.get(split))
+    """`split` of the `dataset` section, loaded as the `dataloader` section (`loader_section`) says, in
+    batches of `batch`; `rank` of `world_size` processes reads its share, on `device_type`."""
+    dataset = build_dataset(section, split=split, transform=transforms.get(split))
     if len(dataset) == 0:
         from src.errors import RunError
 
         raise RunError(
-            f"dataset '{cfg.dataset.name}' has no samples in its {split} split; check where it reads from "
+            f"dataset '{section.name}' has no samples in its {split} split; check where it reads from "
             "(dataset.root) and its size settings"
         )
     sampler = ResumableSampler(
-        len(dataset), shuffle=shuffle, seed=int(cfg.seed), rank=rank, world_size=world_size
+        len(dataset), shuffle=shuffle, seed=int(seed), rank=rank, world_size=world_size
     )
-    loader_cfg = dict(to_plain(cfg.dataloader) or {})
+    loader_cfg = dict(to_plain(loader_section) or {})
     if split != "train":  # drop_last is for training only: evaluation sees every sample once
         loader_cfg["drop_last"] = False
     if shuffle:  # training: random augmentation is a function of (seed, epoch, index), see src/data/seeded.py
         from src.data.seeded import EpochIndexSampler, SeededItems
 
-        items, order = SeededItems(dataset, int(cfg.seed)), EpochIndexSampler(sampler)
+        items, order = SeededItems(dataset, int(seed)), EpochIndexSampler(sampler)
     else:
         items, order = dataset, sampler
-    loader = build_loader(
-        items, int(cfg.batch), order, loader_cfg, seed=int(cfg.seed), device_type=device_type
-    )
+    loader = build_loader(items, int(batch), order, loader_cfg, seed=int(seed), device_type=device_type)
     return Split(dataset, sampler, loader, getattr(loader, "generator", None))

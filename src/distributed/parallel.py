@@ -16,39 +16,45 @@ from src.errors import ConfigError
 log = logging.getLogger("template")
 
 
-def prepare_model(model: nn.Module, cfg: Any, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
-    """(model to call, raw module whose state_dict is the plain checkpoint format)."""
+def prepare_model(
+    model: nn.Module, model_cfg: Any, distributed: Any, gpu: Any, ctx: DistContext
+) -> tuple[nn.Module, nn.Module]:
+    """(model to call, raw module whose state_dict is the plain checkpoint format).
+
+    `model_cfg`, `distributed`, `gpu`: the config's sections of those names (gpu for FSDP2's precision).
+    """
     model = model.to(ctx.device)
-    if cfg.model.get("channels_last", False):
+    if model_cfg.get("channels_last", False):
         model = model.to(memory_format=torch.channels_last)
         log.info("channels_last memory format for the weights and 4-D inputs")
-    if cfg.model.get("gradient_checkpointing", False):
+    if model_cfg.get("gradient_checkpointing", False):
         blocks = enable_activation_checkpointing(model)
         log.info("activation checkpointing: %s recomputed in backward", blocks)
-    if ctx.strategy == "ddp" and cfg.distributed.sync_batchnorm:
+    if ctx.strategy == "ddp" and distributed.sync_batchnorm:
         if ctx.device.type != "cpu":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         elif ctx.is_main:  # torch's SyncBatchNorm only runs on accelerators
             log.warning("distributed.sync_batchnorm is ignored on CPU: BatchNorm statistics stay per process")
     raw = model
     if ctx.strategy == "fsdp":
-        shard_fsdp2(model, cfg, ctx)
-    compiled = compile_model(model, cfg)
+        shard_fsdp2(model, distributed, gpu, ctx)
+    compiled = compile_model(model, model_cfg)
     if ctx.strategy == "ddp":
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         compiled = nn.parallel.DistributedDataParallel(
-            compiled, device_ids=ids, find_unused_parameters=bool(cfg.distributed.find_unused_parameters)
+            compiled, device_ids=ids, find_unused_parameters=bool(distributed.find_unused_parameters)
         )
     elif ctx.strategy == "dp":
         compiled = nn.DataParallel(compiled, device_ids=ctx.dp_ids)
     return compiled, raw
 
 
-def compile_model(model: nn.Module, cfg: Any) -> nn.Module:
-    if not cfg.model.get("compile", False):
+def compile_model(model: nn.Module, model_cfg: Any) -> nn.Module:
+    """torch.compile as the `model` section's compile keys ask, or the model as it is."""
+    if not model_cfg.get("compile", False):
         return model
-    mode = cfg.model.get("compile_mode", "default")
-    backend = cfg.model.get("compile_backend", "inductor")
+    mode = model_cfg.get("compile_mode", "default")
+    backend = model_cfg.get("compile_backend", "inductor")
     log.info("compiling the model with torch.compile (mode=%s, backend=%s)", mode, backend)
     return torch.compile(model, mode=None if mode == "default" else mode, backend=backend)
 
@@ -92,13 +98,15 @@ def enable_activation_checkpointing(model: nn.Module) -> str:
     return f"{len(blocks)} block(s)"
 
 
-def shard_fsdp2(model: nn.Module, cfg: Any, ctx: DistContext) -> None:
-    """fully_shard each block, then the root, on a 1-D or (replicate, shard) mesh."""
+def shard_fsdp2(model: nn.Module, distributed: Any, gpu: Any, ctx: DistContext) -> None:
+    """fully_shard each block, then the root, on a 1-D or (replicate, shard) mesh.
+
+    `distributed` and `gpu` are the config's sections; gpu's precision applies where distributed's is unset.
+    """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    dcfg = cfg.distributed
-    strategy = str(dcfg.sharding_strategy)
+    strategy = str(distributed.sharding_strategy)
     device_type = ctx.device.type
     world = ctx.world_size
     if strategy == "hybrid_shard":
@@ -108,8 +116,8 @@ def shard_fsdp2(model: nn.Module, cfg: Any, ctx: DistContext) -> None:
         mesh = init_device_mesh(device_type, (world, 1), mesh_dim_names=("replicate", "shard"))
     else:
         mesh = init_device_mesh(device_type, (world,))
-    precision = dcfg.precision if dcfg.precision is not None else cfg.gpu.precision
-    if precision is None and cfg.gpu.mixed_precision:
+    precision = distributed.precision if distributed.precision is not None else gpu.precision
+    if precision is None and gpu.mixed_precision:
         precision = "bf16"
     dtype = {"16": torch.float16, "bf16": torch.bfloat16}.get(PRECISIONS.get(str(precision).lower(), "32"))
     kwargs: dict[str, Any] = {
@@ -119,9 +127,9 @@ def shard_fsdp2(model: nn.Module, cfg: Any, ctx: DistContext) -> None:
         if dtype
         else MixedPrecisionPolicy(),
     }
-    if dcfg.cpu_offload and device_type != "cpu":  # on a CPU run the parameters already live there
+    if distributed.cpu_offload and device_type != "cpu":  # on a CPU run the parameters already live there
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    names = set(dcfg.fsdp_modules)
+    names = set(distributed.fsdp_modules)
     if names:
         blocks = [m for m in model.modules() if type(m).__name__ in names and m is not model]
         found = {type(m).__name__ for m in blocks}
@@ -130,9 +138,9 @@ def shard_fsdp2(model: nn.Module, cfg: Any, ctx: DistContext) -> None:
                 f"distributed.fsdp_modules: no module of class {sorted(names - found)} in the model"
             )
     else:
-        blocks = _large_leafmost_blocks(model, int(dcfg.fsdp_min_params))
+        blocks = _large_leafmost_blocks(model, int(distributed.fsdp_min_params))
     why = _sharding_reason(
-        model, blocks, names, int(dcfg.fsdp_min_params)
+        model, blocks, names, int(distributed.fsdp_min_params)
     )  # before fully_shard renames classes
     if dtype is not None:
         # BatchNorm keeps fp32 weights to match its fp32 running statistics (batch_norm refuses a

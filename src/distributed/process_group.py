@@ -52,12 +52,15 @@ def parse_gpu_ids(use: Any) -> list[int]:
         raise ConfigError(f'gpu.use must be GPU ids like "0" or "0,1,2,3", got {use!r}') from None
 
 
-def setup(cfg: Any) -> DistContext:
-    """Pick the device and start the process group if the strategy needs one."""
+def setup(distributed: Any, gpu: Any) -> DistContext:
+    """Pick the device and start the process group if the strategy needs one.
+
+    `distributed` and `gpu` are the config's sections: all this process's place in the job depends on.
+    """
     global _OWN_GROUP, started_process_group
-    strategy = str(cfg.distributed.strategy).lower()
-    want = str(cfg.gpu.device).lower()
-    ids = parse_gpu_ids(cfg.gpu.use)
+    strategy = str(distributed.strategy).lower()
+    want = str(gpu.device).lower()
+    ids = parse_gpu_ids(gpu.use)
     cuda = torch.cuda.is_available()
     if want.startswith("cuda") and not cuda:
         raise ConfigError(
@@ -96,7 +99,7 @@ def setup(cfg: Any) -> DistContext:
         if strategy == "dp" and kind != "cuda":
             log.warning(
                 "gpu.use=%s asks for DataParallel, which needs CUDA: training on %s in one process",
-                cfg.gpu.use,
+                gpu.use,
                 kind,
             )
             strategy = "none"
@@ -105,7 +108,7 @@ def setup(cfg: Any) -> DistContext:
         if torchrun:
             if 1 < len(ids) < local_world:
                 raise ConfigError(
-                    f"gpu.use={cfg.gpu.use} lists {len(ids)} GPUs but torchrun starts {local_world} processes per "
+                    f"gpu.use={gpu.use} lists {len(ids)} GPUs but torchrun starts {local_world} processes per "
                     "node; list one GPU per process, or start as many processes as GPUs listed"
                 )
             # One id per local rank when listed; the default single id means "one GPU per local rank".
@@ -114,7 +117,7 @@ def setup(cfg: Any) -> DistContext:
                 index = int(os.environ["TEMPLATE_CUDA_DEVICE"])
             if index >= torch.cuda.device_count():
                 raise ConfigError(
-                    f"local rank {local_rank} has no GPU: gpu.use={cfg.gpu.use} and {torch.cuda.device_count()} device(s)"
+                    f"local rank {local_rank} has no GPU: gpu.use={gpu.use} and {torch.cuda.device_count()} device(s)"
                 )
         else:
             index = ids[0] if ids else 0
@@ -125,7 +128,7 @@ def setup(cfg: Any) -> DistContext:
 
     ctx = DistContext(strategy, device, rank, world, local_rank, local_world, ids if strategy == "dp" else [])
     if strategy in ("ddp", "fsdp"):
-        backend = str(cfg.distributed.backend).lower()
+        backend = str(distributed.backend).lower()
         if backend == "auto":
             backend = "nccl" if kind == "cuda" else "gloo"
         if not torchrun:  # FSDP in one process: a group of one, so checkpoints keep the sharded format
@@ -139,7 +142,7 @@ def setup(cfg: Any) -> DistContext:
                      "is not used: the launcher chose)")  # fmt: skip
         else:
             _OWN_GROUP = started_process_group = True
-            timeout = datetime.timedelta(minutes=int(cfg.distributed.timeout_minutes))
+            timeout = datetime.timedelta(minutes=int(distributed.timeout_minutes))
             store = restart_safe_store(timeout) if torchrun else None
             dist.init_process_group(
                 backend=backend,

@@ -8,7 +8,7 @@ every section before a result directory exists.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
@@ -23,16 +23,22 @@ from src.errors import ConfigError
 from src.evaluators import EVALUATOR_REGISTRY
 from src.models import LOSS_REGISTRY, MODEL_REGISTRY, build_loss, build_model
 
+if TYPE_CHECKING:
+    from src.techniques.privacy import Privacy
+
 log = logging.getLogger("template")
 
 
 def build_split(cfg: DictConfig, split: str, ctx: DistContext, shuffle: bool, transforms: dict) -> Split:
     """src.data's `build_split` for this process: its rank, the job's size and its device."""
     return data_split(
-        cfg,
+        cfg.dataset,
         split,
         shuffle=shuffle,
         transforms=transforms,
+        loader_section=cfg.dataloader,
+        batch=int(cfg.batch),
+        seed=int(cfg.seed),
         rank=ctx.rank,
         world_size=ctx.world_size,
         device_type=ctx.device.type,
@@ -96,7 +102,7 @@ def preflight(cfg: DictConfig) -> None:
             name = item if isinstance(item, str) else item.get("name")
             TRANSFORM_REGISTRY.get(str(name))
     if cfg.loss.get("name") == "WeightedSum":  # its parts are losses: check them before a directory exists
-        build_loss(cfg)
+        build_loss(cfg.loss)
     check_parameter_patterns(cfg)
     if cfg.get("distillation") is not None and cfg.distillation.get("teacher"):
         from src.techniques.distillation import teacher_files
@@ -109,24 +115,56 @@ def _meta_model(cfg: DictConfig) -> torch.nn.Module | None:
     """The model built on the meta device (no memory), or None where it cannot be: training then checks it."""
     try:
         with torch.device("meta"):
-            return build_model(cfg, cfg.model.get("num_classes") or cfg.evaluator.get("num_classes"))
+            num_classes = cfg.model.get("num_classes") or cfg.evaluator.get("num_classes")
+            return build_model(cfg.model, num_classes, privacy=privacy_section(cfg))
     except ConfigError:
         raise
     except Exception:  # a model that cannot be built on the meta device is checked when training builds it
         return None
 
 
+def privacy_section(cfg: DictConfig) -> Any:
+    """training.privacy, or None in a config without one."""
+    return (cfg.get("training") or {}).get("privacy")
+
+
+def privacy_checked_sections(cfg: DictConfig) -> dict[str, Any]:
+    """The sections `check_privacy` reads, by its argument names: DP-SGD rules out settings all over the config."""
+    return {
+        "training": cfg.training,
+        "model_cfg": cfg.model,
+        "optimizer": cfg.optimizer,
+        "gpu": cfg.gpu,
+        "distributed": cfg.distributed,
+        "distillation": cfg.get("distillation"),
+    }
+
+
 def check_privacy_before_run(cfg: DictConfig) -> None:
     """training.privacy: Opacus installed, a supported combination, no BatchNorm (on the meta device)."""
     from src.techniques.privacy import check_privacy, privacy_enabled
 
-    if not privacy_enabled(cfg):
+    if not privacy_enabled(privacy_section(cfg)):
         return
-    check_privacy(cfg)
+    check_privacy(**privacy_checked_sections(cfg))
     model = _meta_model(cfg)
     if model is None:
         return
-    check_privacy(cfg, model)
+    check_privacy(**privacy_checked_sections(cfg), model=model)
+
+
+def build_privacy(cfg: DictConfig, num_samples: int, precision: str) -> Privacy | None:
+    """src.techniques' `build_privacy` (None unless enabled), after the settings are checked again: a
+    resumed config may differ from the one checked before the run."""
+    from src.techniques import privacy
+
+    section = privacy_section(cfg)
+    if not privacy.privacy_enabled(section):
+        return None
+    privacy.check_privacy(**privacy_checked_sections(cfg))
+    return privacy.build_privacy(
+        section, num_samples, precision, batch=int(cfg.batch), seed=int(cfg.seed), epochs=int(cfg.epoch)
+    )
 
 
 def check_parameter_patterns(cfg: DictConfig) -> None:

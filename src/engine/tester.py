@@ -15,7 +15,7 @@ from src.checkpoint.checkpointer import describe_mismatch, load_checkpoint
 from src.data.split import transforms_for
 from src.distributed import process_group as dist_utils
 from src.distributed.process_group import DistContext
-from src.engine.build import build_split, num_classes_of, require_num_classes
+from src.engine.build import build_split, num_classes_of, privacy_section, require_num_classes
 from src.engine.evaluate import evaluate
 from src.engine.precision import resolve_precision
 from src.errors import RunError
@@ -65,18 +65,18 @@ def run_test(
     split = build_split(cfg, "test", ctx, shuffle=False, transforms=transforms_for(cfg))
     num_classes = num_classes_of(cfg, split.dataset)
     require_num_classes(cfg, num_classes)
-    model = build_model(cfg, num_classes)
+    model = build_model(cfg.model, num_classes, privacy=privacy_section(cfg))
     weights = test_weights(state)
     mismatch = describe_mismatch(model, weights)
     if mismatch:
         raise RunError(f"{path} does not fit model '{cfg.model.name}': {mismatch}")
     model.load_state_dict(weights)
     model.to(ctx.device)
-    evaluator = build_evaluator(cfg, num_classes)
+    evaluator = build_evaluator(cfg.evaluator, num_classes, cfg.evaluation.metrics)
     collected: list | None = [] if cfg.evaluation.save_predictions else None
     log.info("testing %s on the test split (%d samples)", path.name, len(split.dataset))
     metrics = evaluate(
-        model, split.loader, split.sampler.num_valid, build_loss(cfg), evaluator, precision, ctx.device, "test",
+        model, split.loader, split.sampler.num_valid, build_loss(cfg.loss), evaluator, precision, ctx.device, "test",
         bool(cfg.model.get("channels_last", False)), max_batches=1 if cfg.debug else None, collect=collected,
         stop=stop,
     )  # fmt: skip

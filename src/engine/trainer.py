@@ -33,7 +33,7 @@ from src.data.workers import DataWaitWatch
 from src.distributed import process_group as dist_utils
 from src.distributed.parallel import grad_sync, prepare_model
 from src.distributed.process_group import DistContext
-from src.engine.build import build_split, num_classes_of, require_num_classes
+from src.engine.build import build_privacy, build_split, num_classes_of, privacy_section, require_num_classes
 from src.engine.evaluate import evaluate
 from src.engine.flops import peak_flops, train_flops_per_sample
 from src.engine.log_window import LogWindow
@@ -58,7 +58,6 @@ from src.techniques.batchnorm import (
 )
 from src.techniques.distillation import build_distiller
 from src.techniques.ema import build_ema
-from src.techniques.privacy import build_privacy
 from src.tracking.console import plural
 from src.tracking.start import activate_mlflow, prestart_mlflow, start_trackers
 
@@ -318,11 +317,13 @@ class Trainer:
         self.privacy = build_privacy(cfg, len(self.train.dataset), self.precision.name)
         if self.privacy is not None:
             self.train = self.privacy.poisson_split(self.train)
-        model = build_model(cfg, self.num_classes)
+        model = build_model(cfg.model, self.num_classes, privacy=privacy_section(cfg))
         if self.privacy is not None:  # refuse layers Opacus cannot train (BatchNorm)
             self.privacy.check_model(model)
         model.to(ctx.device)
-        check_output_size(cfg, model, self.train.dataset, self.num_classes, ctx.device)
+        check_output_size(
+            model, self.train.dataset, self.num_classes, ctx.device, cfg.model.name, cfg.dataset.name
+        )
         if cfg.model.get("pretrained_weight"):
             load_pretrained_weights(model, cfg.model.pretrained_weight)
         self.stages = plan_unfreezing(model, cfg.training)  # freezes what unfreezes later
@@ -331,11 +332,11 @@ class Trainer:
                 f"training.unfreeze / freeze_backbone_epochs cannot add parameters to a {ctx.strategy} model "
                 "mid-run; train on one process, or freeze with model.freeze only"
             )
-        self.model, self.raw_model = prepare_model(model, cfg, ctx)
+        self.model, self.raw_model = prepare_model(model, cfg.model, cfg.distributed, cfg.gpu, ctx)
         if self.privacy is not None:  # per-sample gradients; raw_model stays the plain model
             self.model = self.privacy.wrap_model(self.model)
-        self.loss_fn = build_loss(cfg)
-        self.distiller = build_distiller(cfg, self.loss_fn, self.num_classes, ctx.device)
+        self.loss_fn = build_loss(cfg.loss)
+        self.distiller = build_distiller(cfg.get("distillation"), self.loss_fn, self.num_classes, ctx.device)
         self.optimizer = build_optimizer(fused_on_cuda(cfg.optimizer, ctx.device), self.raw_model)
         steps_per_epoch = math.ceil((1 if self.debug else len(self.train.loader)) / self.accumulate)
         self.schedule = build_scheduler(
@@ -348,7 +349,9 @@ class Trainer:
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
         # Schedule-free with BatchNorm: statistics are recomputed for the evaluated weights each epoch.
         if self.ema is None and is_schedule_free(self.optimizer) and batchnorm_layers(self.raw_model):
-            self.bn_loader = recompute_loader(self.train.dataset, cfg, ctx)
+            self.bn_loader = recompute_loader(
+                self.train.dataset, cfg.dataloader, int(cfg.batch), int(cfg.seed), ctx
+            )
             log.info(
                 "schedule-free optimizer with BatchNorm: the statistics are recomputed for the evaluated "
                 "weights on up to %d train batches before each validation and epoch checkpoint",
@@ -360,11 +363,16 @@ class Trainer:
             self.params = unfreeze_due(
                 self.stages, self.raw_model, self.optimizer, self.schedule, int(progress.get("epoch", 0))
             )
-        for line in describe_groups(self.raw_model, self.optimizer, cfg, self.stages):
+        for line in describe_groups(
+            self.raw_model, self.optimizer, cfg.model.get("freeze") or [], self.stages
+        ):
             log.info(line)
         parts = {"raw_model": self.raw_model, "optimizer": self.optimizer, "schedule": self.schedule,
                  "scaler": self.scaler, "ema": self.ema, "privacy": self.privacy}  # fmt: skip
-        self.checkpointer = Checkpointer(cfg, ctx, self.run_dir, parts, self.state, self.epochs)
+        self.checkpointer = Checkpointer(
+            cfg.checkpoint, ctx, self.run_dir, parts, self.state, self.epochs, batch=int(cfg.batch),
+            model_name=str(cfg.model.name), timeout_minutes=int(cfg.distributed.timeout_minutes),
+        )  # fmt: skip
         self.early_stopping = EarlyStopping(cfg.training.early_stopping, self.state)
 
     def _start(self) -> None:
@@ -385,7 +393,7 @@ class Trainer:
         )  # fmt: skip
         # MFU on a GPU whose peak is known: the FLOPs of a training step are counted once, here.
         peak = peak_flops(ctx.device)
-        build = lambda: build_model(cfg, self.num_classes)  # noqa: E731
+        build = lambda: build_model(cfg.model, self.num_classes, privacy=privacy_section(cfg))  # noqa: E731
         sample = self.train.dataset[0] if peak else None
         flops = train_flops_per_sample(build, sample, int(cfg.batch), self.loss_fn) if peak else None
         self.window = LogWindow(ctx, self.log_every, flops, peak, bool(cfg.logging.progress_bar))
@@ -413,7 +421,9 @@ class Trainer:
         if self.evaluator_job is None and self.val is not None:
             # torchmetrics takes seconds to import: build the evaluator beside the first steps
             # (but not inside a profile, where a traced import would swamp the trace).
-            self.evaluator_job = in_background(build_evaluator, self.cfg, self.num_classes)
+            self.evaluator_job = in_background(
+                build_evaluator, self.cfg.evaluator, self.num_classes, self.cfg.evaluation.metrics
+            )
             if self.profiler is not None:
                 self.evaluator_job.result()
         return batches

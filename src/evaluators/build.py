@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
-
-from omegaconf import DictConfig
 
 from src.arguments import accepts
 from src.config.sections import component_args
@@ -12,9 +11,10 @@ from src.errors import ConfigError
 from src.registry import EVALUATOR_REGISTRY
 
 
-def build_evaluator(cfg: DictConfig, num_classes: int | None) -> Any:
-    """`cfg.evaluator` built; the classification evaluator needs the class count, from the data or the config."""
-    args = component_args(cfg.evaluator, "evaluator")
+def build_evaluator(section: Any, num_classes: int | None, metrics: Sequence[str]) -> Any:
+    """The `evaluator` section built; the classification evaluator needs the class count, from the data or
+    the config. `metrics` (evaluation.metrics) go to an evaluator that takes them."""
+    args = component_args(section, "evaluator")
     if args.get("name") == "classification_evaluator" and "num_classes" not in args:
         if num_classes is None:
             raise ConfigError(
@@ -22,5 +22,5 @@ def build_evaluator(cfg: DictConfig, num_classes: int | None) -> Any:
             )
         args["num_classes"] = num_classes
     if accepts(EVALUATOR_REGISTRY.get(args["name"]), "metrics"):
-        return EVALUATOR_REGISTRY.build(args, metrics=list(cfg.evaluation.metrics))
+        return EVALUATOR_REGISTRY.build(args, metrics=list(metrics))
     return EVALUATOR_REGISTRY.build(args)

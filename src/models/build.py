@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
 from src.arguments import accepts
@@ -14,9 +13,12 @@ from src.errors import ConfigError
 from src.registry import MODEL_REGISTRY
 
 
-def build_model(cfg: DictConfig, num_classes: int | None) -> nn.Module:
-    """`cfg.model` built, with the data's class count filled in where the model takes one."""
-    args = component_args(cfg.model, "model")
+def build_model(section: Any, num_classes: int | None, privacy: Any = None) -> nn.Module:
+    """The `model` section built, with the data's class count filled in where the model takes one.
+
+    `privacy`: the config's training.privacy; when enabled the model is made trainable by Opacus.
+    """
+    args = component_args(section, "model")
     if (
         num_classes is not None
         and "num_classes" not in args
@@ -26,22 +28,29 @@ def build_model(cfg: DictConfig, num_classes: int | None) -> nn.Module:
     model = MODEL_REGISTRY.build(args)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model '{args['name']}' did not build an nn.Module (got {type(model).__name__})")
-    privacy = (cfg.get("training") or {}).get("privacy")
     if privacy is not None and privacy.get("enabled"):
         from src.models.private import private_model
 
         model = private_model(model, bool(privacy.get("fix_model", False)))
-    if cfg.model.get("freeze"):
+    if section.get("freeze"):
         from src.models.freezing import freeze
 
-        freeze(model, cfg.model.freeze)
+        freeze(model, section.freeze)
     return model
 
 
 def check_output_size(
-    cfg: DictConfig, model: nn.Module, dataset: Any, num_classes: int | None, device: torch.device
+    model: nn.Module,
+    dataset: Any,
+    num_classes: int | None,
+    device: torch.device,
+    model_name: str,
+    dataset_name: str,
 ) -> None:
-    """Catch a classifier head that does not match the dataset before the first step, not mid-epoch."""
+    """Catch a classifier head that does not match the dataset before the first step, not mid-epoch.
+
+    `model_name` and `dataset_name` (model.name, dataset.name) only name the two in the error.
+    """
     if num_classes is None:
         return
     sample, _ = dataset[0] if isinstance(dataset[0], (tuple, list)) else (None, None)
@@ -55,12 +64,12 @@ def check_output_size(
     except RuntimeError as err:  # shapes that do not fit: say so now, in one line
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(
-            f"model '{cfg.model.name}' cannot take the inputs of dataset '{cfg.dataset.name}' "
+            f"model '{model_name}' cannot take the inputs of dataset '{dataset_name}' "
             f"(one item has shape {tuple(sample.shape)}): {reason}; match the model's input arguments to the data"
         ) from None
     model.train(was)
     if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] != num_classes:
         raise ConfigError(
-            f"model '{cfg.model.name}' outputs {out.shape[1]} classes but dataset '{cfg.dataset.name}' "
+            f"model '{model_name}' outputs {out.shape[1]} classes but dataset '{dataset_name}' "
             f"has {num_classes}; set model.num_classes={num_classes}"
         )

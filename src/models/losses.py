@@ -76,6 +76,6 @@ class WeightedSum(nn.Module):
 LOSS_REGISTRY.add("WeightedSum", WeightedSum)
 
 
-def build_loss(cfg: Any) -> Any:
-    """`cfg.loss` built: a torch.nn loss, WeightedSum, or a registered custom one."""
-    return LOSS_REGISTRY.build(component_args(cfg.loss, "loss"))
+def build_loss(section: Any) -> Any:
+    """The `loss` section built: a torch.nn loss, WeightedSum, or a registered custom one."""
+    return LOSS_REGISTRY.build(component_args(section, "loss"))

@@ -73,16 +73,17 @@ def group_name(group: dict[str, Any], index: int) -> str:
 
 
 def describe(
-    model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Any, stages: Sequence[UnfreezeStage]
+    model: nn.Module, optimizer: torch.optim.Optimizer, freeze: Sequence[str], stages: Sequence[UnfreezeStage]
 ) -> list[str]:
-    """The start-of-run lines of a fine-tuning set-up: what is frozen (by which pattern), what unfreezes
-    when, and each optimizer group's lr. Nothing when every parameter trains in one group."""
+    """The start-of-run lines of a fine-tuning set-up: what is frozen (by which of the `freeze` patterns,
+    model.freeze), what unfreezes when, and each optimizer group's lr. Nothing when every parameter
+    trains in one group."""
     named = dict(model.named_parameters())
     names = list(named)
     lines = []
     frozen = [n for n in names if not named[n].requires_grad]
     if frozen:
-        counts = [f"'{p}' {len(fnmatch.filter(frozen, p))}" for p in cfg.model.get("freeze") or []]
+        counts = [f"'{p}' {len(fnmatch.filter(frozen, p))}" for p in freeze or []]
         lines.append(
             f"frozen at start: {len(frozen)} of {len(names)} parameter tensors "
             f"({sum(named[n].numel() for n in frozen):,} values)"

@@ -55,7 +55,7 @@ def train_main(
     import_user_modules(list(cfg.imports))
     preflight(cfg)
     prepare_determinism(cfg.gpu)  # before dist setup, which may start CUDA
-    ctx = dist_utils.setup(cfg)
+    ctx = dist_utils.setup(cfg.distributed, cfg.gpu)
     setup_logging(None, ctx.rank, debug=bool(cfg.debug))
     run_dir, resume, fresh, lock = _plan(cfg, config_path, overrides, ctx)  # rank 0 holds the run's lock
     if not fresh and _finished(run_dir, resume, int(cfg.epoch), ctx):
@@ -183,7 +183,7 @@ def test_main(
         run_dir = Path(str(checkpoint)).parent
         out = run_dir / f"test_{Path(str(checkpoint)).stem}"
     prepare_determinism(cfg.gpu)
-    ctx = dist_utils.setup(cfg)
+    ctx = dist_utils.setup(cfg.distributed, cfg.gpu)
     lock = _lock(run_dir, ctx, "testing") if out is None else None  # test/ and train.log are the run's
     log_file = run_dir / "train.log" if ctx.is_main and out is None else None
     setup_logging(log_file, ctx.rank, debug=bool(cfg.debug))

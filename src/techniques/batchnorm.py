@@ -81,15 +81,16 @@ def recompute_batchnorm(
     return used
 
 
-def recompute_loader(dataset: Any, cfg: Any, ctx: Any) -> Any:
-    """A fixed random sample of the train split (the same every epoch, own generator), as this process's share."""
+def recompute_loader(dataset: Any, loader_section: Any, batch: int, seed: int, ctx: Any) -> Any:
+    """A fixed random sample of the train split (the same every epoch, own generator), as this process's share.
+
+    `loader_section`: the config's dataloader section; `batch` and `seed`: the run's.
+    """
     from src.config.sections import to_plain
     from src.data import ResumableSampler, build_loader
 
     sampler = ResumableSampler(
-        len(dataset), shuffle=True, seed=int(cfg.seed), rank=ctx.rank, world_size=ctx.world_size
+        len(dataset), shuffle=True, seed=int(seed), rank=ctx.rank, world_size=ctx.world_size
     )
-    loader_cfg = {**dict(to_plain(cfg.dataloader) or {}), "persistent_workers": False, "drop_last": False}
-    return build_loader(
-        dataset, int(cfg.batch), sampler, loader_cfg, seed=int(cfg.seed), device_type=ctx.device.type
-    )
+    loader_cfg = {**dict(to_plain(loader_section) or {}), "persistent_workers": False, "drop_last": False}
+    return build_loader(dataset, int(batch), sampler, loader_cfg, seed=int(seed), device_type=ctx.device.type)

@@ -57,7 +57,10 @@ def build_teacher(section: Any, num_classes: int | None, device: torch.device) -
     config, weights = teacher_files(section)
     teacher_cfg = load_config(config)
     import_user_modules(list(teacher_cfg.imports))
-    teacher = build_model(teacher_cfg, num_classes)
+    # built as the teacher run built it: a private run's model had its BatchNorm swapped
+    teacher = build_model(
+        teacher_cfg.model, num_classes, privacy=(teacher_cfg.get("training") or {}).get("privacy")
+    )
     state = safe_load(weights)
     try:
         teacher.load_state_dict(state.get("model", state))
@@ -103,9 +106,9 @@ class Distiller:
 
 
 def build_distiller(
-    cfg: Any, loss_fn: Any, num_classes: int | None, device: torch.device
+    section: Any, loss_fn: Any, num_classes: int | None, device: torch.device
 ) -> Distiller | None:
-    section = cfg.get("distillation")
+    """None unless the `distillation` section (None where the config has none) names a teacher."""
     if section is None or not section.get("teacher"):
         return None
     teacher = build_teacher(section, num_classes, device)

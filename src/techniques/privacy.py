@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
 from src.errors import ConfigError
@@ -30,41 +29,54 @@ from src.models.private import opacus as _opacus
 log = logging.getLogger("template")
 
 
-def privacy_enabled(cfg: DictConfig) -> bool:
-    section = (cfg.get("training") or {}).get("privacy")
+def privacy_enabled(section: Any) -> bool:
+    """`section`: the config's training.privacy, or None where the config has none."""
     return bool(section is not None and section.get("enabled", False))
 
 
-def check_privacy(cfg: DictConfig, model: nn.Module | None = None) -> None:
-    """Refuse, before a result directory exists, what DP-SGD cannot do here; `model` may be on meta."""
-    if not privacy_enabled(cfg):
+def check_privacy(
+    *,
+    training: Any,
+    model_cfg: Any,
+    optimizer: Any,
+    gpu: Any,
+    distributed: Any,
+    distillation: Any,
+    model: nn.Module | None = None,
+) -> None:
+    """Refuse, before a result directory exists, what DP-SGD cannot do here; `model` may be on meta.
+
+    DP-SGD rules out settings all over the config, so each section it reads comes by its name (the
+    config's training, model, optimizer, gpu, distributed and distillation; distillation may be None).
+    """
+    if not privacy_enabled(training.get("privacy")):
         return
     _opacus()
     from src.config.schema import PRECISIONS
     from src.distributed.process_group import launched_by_torchrun
 
-    strategy = str(cfg.distributed.strategy)
-    gpus = [g for g in str(cfg.gpu.use).split(",") if g.strip()]
+    strategy = str(distributed.strategy)
+    gpus = [g for g in str(gpu.use).split(",") if g.strip()]
     refusals = [
         (launched_by_torchrun() or strategy in ("dp", "ddp", "fsdp"),
          f"distributed training (distributed.strategy={strategy}); train on one process"),
         (strategy == "auto" and len(gpus) > 1 and not launched_by_torchrun(),
-         f"DataParallel over gpu.use={cfg.gpu.use}; use one GPU"),
-        (int(cfg.training.accumulate_grad_batches) != 1,
+         f"DataParallel over gpu.use={gpu.use}; use one GPU"),
+        (int(training.accumulate_grad_batches) != 1,
          "training.accumulate_grad_batches > 1; raise batch instead (the expected Poisson batch)"),
-        (float(cfg.training.gradient_clip_norm) > 0,
+        (float(training.gradient_clip_norm) > 0,
          "training.gradient_clip_norm (per-sample clipping is training.privacy.max_grad_norm); set it to 0"),
-        (cfg.training.nan_policy == "skip",
+        (training.nan_policy == "skip",
          "training.nan_policy=skip (a data-dependent skip leaks); use nan_policy=stop"),
-        (bool(cfg.model.get("compile", False)), "model.compile; set model.compile=false"),
-        (bool(cfg.training.unfreeze) or bool(cfg.training.freeze_backbone_epochs),
+        (bool(model_cfg.get("compile", False)), "model.compile; set model.compile=false"),
+        (bool(training.unfreeze) or bool(training.freeze_backbone_epochs),
          "training.unfreeze / freeze_backbone_epochs; freeze with model.freeze only"),
-        (cfg.get("distillation") is not None and bool(cfg.distillation.get("teacher")),
+        (distillation is not None and bool(distillation.get("teacher")),
          "distillation (the teacher's view of the data is not accounted); set distillation.teacher=null"),
-        (PRECISIONS.get(str(cfg.gpu.get("precision")).lower()) == "16",
+        (PRECISIONS.get(str(gpu.get("precision")).lower()) == "16",
          "fp16 precision (its loss scaling bypasses per-sample clipping); use gpu.precision=bf16 or 32"),
-        ("schedulefree" in str(cfg.optimizer.get("name", "")).lower(),
-         f"the schedule-free optimizer {cfg.optimizer.get('name')}; use e.g. SGD or AdamW"),
+        ("schedulefree" in str(optimizer.get("name", "")).lower(),
+         f"the schedule-free optimizer {optimizer.get('name')}; use e.g. SGD or AdamW"),
     ]  # fmt: skip
     for bad, what in refusals:
         if bad:
@@ -156,24 +168,24 @@ class _BatchView:
 class Privacy:
     """DP-SGD pieces for the trainer; each method is one hook in src/engine/trainer.py."""
 
-    def __init__(self, cfg: DictConfig, num_samples: int) -> None:
+    def __init__(self, section: Any, num_samples: int, batch: int, seed: int, epochs: int) -> None:
+        """`section`: training.privacy; `batch` (the expected Poisson batch), `seed` and `epochs` of the run."""
         from opacus.accountants import RDPAccountant
 
-        p = cfg.training.privacy
-        self.max_grad_norm = float(p.max_grad_norm)
-        self.delta = float(p.target_delta)
-        self.sampler = PoissonSampler(num_samples, int(cfg.batch), int(cfg.seed))
-        self.batch = int(cfg.batch)
-        self.noise_multiplier = float(p.noise_multiplier)
-        self.secure = bool(p.get("secure_mode", False))
+        self.max_grad_norm = float(section.max_grad_norm)
+        self.delta = float(section.target_delta)
+        self.sampler = PoissonSampler(num_samples, int(batch), int(seed))
+        self.batch = int(batch)
+        self.noise_multiplier = float(section.noise_multiplier)
+        self.secure = bool(section.get("secure_mode", False))
         self.generator: torch.Generator | None = None  # secure_mode: made beside the parameters
         self.reseeding = False  # the generator is a plain torch one, given OS entropy before each step
-        if p.get("target_epsilon") is not None:
+        if section.get("target_epsilon") is not None:
             from opacus.accountants.utils import get_noise_multiplier
 
             self.noise_multiplier = get_noise_multiplier(
-                target_epsilon=float(p.target_epsilon), target_delta=self.delta,
-                sample_rate=self.sampler.sample_rate, steps=self.sampler.steps * int(cfg.epoch), accountant="rdp",
+                target_epsilon=float(section.target_epsilon), target_delta=self.delta,
+                sample_rate=self.sampler.sample_rate, steps=self.sampler.steps * int(epochs), accountant="rdp",
             )  # fmt: skip
         self.accountant = RDPAccountant()
         log.info(
@@ -282,11 +294,16 @@ def reseed(generator: torch.Generator) -> torch.Generator:
     return generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
-def build_privacy(cfg: DictConfig, num_samples: int, precision: str) -> Privacy | None:
-    """None unless training.privacy.enabled; checks the settings again (a resumed config may differ)."""
-    if not privacy_enabled(cfg):
+def build_privacy(
+    section: Any, num_samples: int, precision: str, batch: int, seed: int, epochs: int
+) -> Privacy | None:
+    """None unless training.privacy (`section`) is enabled; `precision` is the one resolved for this device.
+
+    The settings are checked with `check_privacy` first, by the caller that holds the whole config
+    (src/engine/build.py's `build_privacy`: a resumed config may differ from the one checked before).
+    """
+    if not privacy_enabled(section):
         return None
-    check_privacy(cfg)
     if precision == "16":  # gpu.mixed_precision chose fp16 on this GPU
         raise ConfigError("training.privacy does not support fp16 precision; set gpu.precision=bf16 or 32")
-    return Privacy(cfg, num_samples)
+    return Privacy(section, num_samples, batch, seed, epochs)

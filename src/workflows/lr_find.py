@@ -45,7 +45,7 @@ def lr_range_test(
     from src.data.batch import split_batch, to_device, total_loss
     from src.data.split import transforms_for
     from src.distributed import process_group as dist_utils
-    from src.engine.build import build_split, num_classes_of
+    from src.engine.build import build_split, num_classes_of, privacy_section
     from src.engine.precision import configure_backends, resolve_precision
     from src.models.build import build_model
     from src.models.losses import build_loss
@@ -57,14 +57,15 @@ def lr_range_test(
         raise ConfigError(f"--steps must be at least 5, got {steps}")
     ids = str(cfg.gpu.use).split(",")
     cfg = OmegaConf.merge(cfg, {"distributed": {"strategy": "none"}, "gpu": {"use": ids[0].strip() or "0"}})
-    ctx = dist_utils.setup(cfg)
+    ctx = dist_utils.setup(cfg.distributed, cfg.gpu)
     seed_everything(int(cfg.seed))
     configure_backends(cfg.gpu)
     precision = resolve_precision(cfg.gpu, ctx.device)
     train = build_split(cfg, "train", ctx, shuffle=True, transforms=transforms_for(cfg))
-    model = build_model(cfg, num_classes_of(cfg, train.dataset)).to(ctx.device)
+    num_classes = num_classes_of(cfg, train.dataset)
+    model = build_model(cfg.model, num_classes, privacy=privacy_section(cfg)).to(ctx.device)
     model.train()
-    loss_fn = build_loss(cfg)
+    loss_fn = build_loss(cfg.loss)
     optimizer = build_optimizer(cfg.optimizer, model)
     scaler = precision.grad_scaler()
     top = float(optimizer.defaults["lr"])
