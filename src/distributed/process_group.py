@@ -57,7 +57,6 @@ def setup(distributed: Any, gpu: Any) -> DistContext:
 
     `distributed` and `gpu` are the config's sections: all this process's place in the job depends on.
     """
-    global _OWN_GROUP, started_process_group
     strategy = str(distributed.strategy).lower()
     want = str(gpu.device).lower()
     ids = parse_gpu_ids(gpu.use)
@@ -128,31 +127,38 @@ def setup(distributed: Any, gpu: Any) -> DistContext:
 
     ctx = DistContext(strategy, device, rank, world, local_rank, local_world, ids if strategy == "dp" else [])
     if strategy in ("ddp", "fsdp"):
-        backend = str(distributed.backend).lower()
-        if backend == "auto":
-            backend = "nccl" if kind == "cuda" else "gloo"
-        if not torchrun:  # FSDP in one process: a group of one, so checkpoints keep the sharded format
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
-            os.environ.setdefault("RANK", "0")
-            os.environ.setdefault("WORLD_SIZE", "1")
-        if dist.is_initialized():  # a launcher (Ray Train) made the group: use it as it is, never destroy it
-            log.info("process group of the launcher adopted: backend %s, timeout %s%s", dist.get_backend(),
-                     _group_timeout(), "" if backend == dist.get_backend() else f" (distributed.backend={backend} "
-                     "is not used: the launcher chose)")  # fmt: skip
-        else:
-            _OWN_GROUP = started_process_group = True
-            timeout = datetime.timedelta(minutes=int(distributed.timeout_minutes))
-            store = restart_safe_store(timeout) if torchrun else None
-            dist.init_process_group(
-                backend=backend,
-                timeout=timeout,
-                device_id=device if kind == "cuda" else None,
-                store=store,
-                rank=rank if store is not None else -1,
-                world_size=world if store is not None else -1,
-            )
+        _join_group(distributed, device, rank, world, torchrun)
     return ctx
+
+
+def _join_group(distributed: Any, device: torch.device, rank: int, world: int, torchrun: bool) -> None:
+    """Start this process's group (DDP, FSDP), or adopt the one a launcher already made."""
+    global _OWN_GROUP, started_process_group
+    kind = device.type
+    backend = str(distributed.backend).lower()
+    if backend == "auto":
+        backend = "nccl" if kind == "cuda" else "gloo"
+    if not torchrun:  # FSDP in one process: a group of one, so checkpoints keep the sharded format
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+    if dist.is_initialized():  # a launcher (Ray Train) made the group: use it as it is, never destroy it
+        log.info("process group of the launcher adopted: backend %s, timeout %s%s", dist.get_backend(),
+                 _group_timeout(), "" if backend == dist.get_backend() else f" (distributed.backend={backend} "
+                 "is not used: the launcher chose)")  # fmt: skip
+    else:
+        _OWN_GROUP = started_process_group = True
+        timeout = datetime.timedelta(minutes=int(distributed.timeout_minutes))
+        store = restart_safe_store(timeout) if torchrun else None
+        dist.init_process_group(
+            backend=backend,
+            timeout=timeout,
+            device_id=device if kind == "cuda" else None,
+            store=store,
+            rank=rank if store is not None else -1,
+            world_size=world if store is not None else -1,
+        )
 
 
 def restart_safe_store(timeout: datetime.timedelta) -> dist.Store | None:
