@@ -39,7 +39,6 @@ from src.engine.flops import peak_flops, train_flops_per_sample
 from src.engine.log_window import LogWindow
 from src.engine.loop_setup import fused_on_cuda, in_background, step_lr
 from src.engine.precision import configure_backends, resolve_precision
-from src.engine.profiler import start_profiler
 from src.engine.signals import StopRequest
 from src.errors import ConfigError
 from src.evaluators import build_evaluator
@@ -59,6 +58,7 @@ from src.techniques.batchnorm import (
 from src.techniques.distillation import build_distiller
 from src.techniques.ema import build_ema
 from src.tracking.console import plural
+from src.tracking.profiler import start_profiler
 from src.tracking.start import activate_mlflow, prestart_mlflow, start_trackers
 
 log = logging.getLogger("template")

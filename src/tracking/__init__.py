@@ -1,4 +1,5 @@
-"""Where a run's metrics go: metrics.jsonl, MLflow, TensorBoard, the console log and progress bars.
+"""Where a run's metrics go: metrics.jsonl, MLflow, TensorBoard, the console log and progress bars,
+and the profiler's traces.
 
 Importing this package is cheap: MLflow, TensorBoard and tqdm load when first used.
 
