@@ -145,9 +145,11 @@ def kill_agent_then_wait_for_workers(
     """`kill -9 -- -<agent>`: the agent's own group only (each worker leads its own session, so no
     worker is hit); then wait for the orphaned workers to end by themselves, killing any left after
     `limit` seconds (a hang guard: training on to the end, or waiting for a rendezvous, takes longer)."""
+    # The kill reaches the agent alone: no worker is in its process group. (Checked before the kill:
+    # after it, a worker may already have noticed and ended by itself.)
+    assert workers and all(os.getpgid(pid) != agent.pid for pid in workers)
     os.killpg(agent.pid, signal.SIGKILL)
     agent.wait()
-    assert workers and all(running(pid) for pid in workers)  # the kill reached the agent alone
     deadline = time.monotonic() + limit
     while any(running(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
