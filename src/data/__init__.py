@@ -17,7 +17,7 @@ from src.data.datasets import (
 )
 from src.data.loader import build_loader, seed_worker
 from src.data.sampler import ResumableSampler
-from src.data.split import Split, build_split, transforms_for
+from src.data.split import Split, build_split
 from src.data.transforms import EnsureFloat, build_transforms, split_transforms
 from src.registry import DATASET_REGISTRY, TRANSFORM_REGISTRY
 
@@ -42,5 +42,4 @@ __all__ = [
     "seed_worker",
     "split_transforms",
     "stratified_indices",
-    "transforms_for",
 ]

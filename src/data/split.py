@@ -6,13 +6,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
 from src.config.sections import to_plain
 from src.data.datasets import build_dataset
 from src.data.loader import build_loader
 from src.data.sampler import ResumableSampler
-from src.data.transforms import split_transforms
 
 
 @dataclass
@@ -21,11 +19,6 @@ class Split:
     sampler: ResumableSampler
     loader: torch.utils.data.DataLoader
     generator: torch.Generator | None
-
-
-def transforms_for(cfg: DictConfig) -> dict:
-    """The train/val/test transform pipelines of the config's `transform` section."""
-    return split_transforms(cfg.get("transform"))
 
 
 def build_split(

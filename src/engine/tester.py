@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from src.checkpoint.checkpointer import describe_mismatch, load_checkpoint
-from src.data.split import transforms_for
+from src.data.transforms import split_transforms
 from src.distributed import process_group as dist_utils
 from src.distributed.process_group import DistContext
 from src.engine.build import build_split, num_classes_of, privacy_section, require_num_classes
@@ -62,7 +62,7 @@ def run_test(
     path = checkpoint or pick_checkpoint(run_dir)
     state = load_checkpoint(path)
     precision = resolve_precision(cfg.gpu, ctx.device)
-    split = build_split(cfg, "test", ctx, shuffle=False, transforms=transforms_for(cfg))
+    split = build_split(cfg, "test", ctx, shuffle=False, transforms=split_transforms(cfg.get("transform")))
     num_classes = num_classes_of(cfg, split.dataset)
     require_num_classes(cfg, num_classes)
     model = build_model(cfg.model, num_classes, privacy=privacy_section(cfg))

@@ -27,8 +27,8 @@ from torch import nn
 from src.checkpoint.checkpointer import Checkpointer, load_pretrained_weights
 from src.checkpoint.rng import seed_everything, seed_per_rank
 from src.checkpoint.train_state import EarlyStopping, TrainState
-from src.data import transforms_for
 from src.data.batch import batch_size, rank_batch_sizes, split_batch, to_device, total_loss
+from src.data.transforms import split_transforms
 from src.data.workers import DataWaitWatch
 from src.distributed import process_group as dist_utils
 from src.distributed.parallel import grad_sync, prepare_model
@@ -306,7 +306,7 @@ class Trainer:
         seed_everything(int(cfg.seed))
         configure_backends(cfg.gpu)
         self.precision = resolve_precision(cfg.gpu, ctx.device)
-        transforms = transforms_for(cfg)
+        transforms = split_transforms(cfg.get("transform"))
         self.train = build_split(cfg, "train", ctx, shuffle=True, transforms=transforms)
         if cfg.evaluation.frequency:
             self.val = build_split(cfg, "val", ctx, shuffle=False, transforms=transforms)

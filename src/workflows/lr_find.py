@@ -43,7 +43,7 @@ def lr_range_test(
 
     from src.checkpoint.rng import seed_everything
     from src.data.batch import split_batch, to_device, total_loss
-    from src.data.split import transforms_for
+    from src.data.transforms import split_transforms
     from src.distributed import process_group as dist_utils
     from src.engine.build import build_split, num_classes_of, privacy_section
     from src.engine.precision import configure_backends, resolve_precision
@@ -61,7 +61,7 @@ def lr_range_test(
     seed_everything(int(cfg.seed))
     configure_backends(cfg.gpu)
     precision = resolve_precision(cfg.gpu, ctx.device)
-    train = build_split(cfg, "train", ctx, shuffle=True, transforms=transforms_for(cfg))
+    train = build_split(cfg, "train", ctx, shuffle=True, transforms=split_transforms(cfg.get("transform")))
     num_classes = num_classes_of(cfg, train.dataset)
     model = build_model(cfg.model, num_classes, privacy=privacy_section(cfg)).to(ctx.device)
     model.train()
