@@ -116,7 +116,7 @@ def _meta_model(cfg: DictConfig) -> torch.nn.Module | None:
     try:
         with torch.device("meta"):
             num_classes = cfg.model.get("num_classes") or cfg.evaluator.get("num_classes")
-            return build_model(cfg.model, num_classes, privacy=privacy_section(cfg))
+            return model_for(cfg, num_classes)
     except ConfigError:
         raise
     except Exception:  # a model that cannot be built on the meta device is checked when training builds it
@@ -126,6 +126,11 @@ def _meta_model(cfg: DictConfig) -> torch.nn.Module | None:
 def privacy_section(cfg: DictConfig) -> Any:
     """training.privacy, or None in a config without one."""
     return (cfg.get("training") or {}).get("privacy")
+
+
+def model_for(cfg: DictConfig, num_classes: int | None) -> torch.nn.Module:
+    """`cfg.model` as every run builds it: with training.privacy's layer swaps where privacy is enabled."""
+    return build_model(cfg.model, num_classes, privacy=privacy_section(cfg))
 
 
 def privacy_checked_sections(cfg: DictConfig) -> dict[str, Any]:

@@ -15,12 +15,11 @@ from src.checkpoint.checkpointer import describe_mismatch, load_checkpoint
 from src.data.transforms import split_transforms
 from src.distributed import process_group as dist_utils
 from src.distributed.process_group import DistContext
-from src.engine.build import build_split, num_classes_of, privacy_section, require_num_classes
+from src.engine.build import build_split, model_for, num_classes_of, require_num_classes
 from src.engine.evaluate import evaluate
 from src.engine.precision import resolve_precision
 from src.errors import RunError
 from src.evaluators.build import build_evaluator
-from src.models.build import build_model
 from src.models.losses import build_loss
 from src.results.atomic_files import write_folder
 
@@ -65,7 +64,7 @@ def run_test(
     split = build_split(cfg, "test", ctx, shuffle=False, transforms=split_transforms(cfg.get("transform")))
     num_classes = num_classes_of(cfg, split.dataset)
     require_num_classes(cfg, num_classes)
-    model = build_model(cfg.model, num_classes, privacy=privacy_section(cfg))
+    model = model_for(cfg, num_classes)
     weights = test_weights(state)
     mismatch = describe_mismatch(model, weights)
     if mismatch:

@@ -33,7 +33,7 @@ from src.data.workers import DataWaitWatch
 from src.distributed import process_group as dist_utils
 from src.distributed.parallel import grad_sync, prepare_model
 from src.distributed.process_group import DistContext
-from src.engine.build import build_privacy, build_split, num_classes_of, privacy_section, require_num_classes
+from src.engine.build import build_privacy, build_split, model_for, num_classes_of, require_num_classes
 from src.engine.evaluate import evaluate
 from src.engine.flops import peak_flops, train_flops_per_sample
 from src.engine.log_window import LogWindow
@@ -42,7 +42,7 @@ from src.engine.precision import configure_backends, resolve_precision
 from src.engine.signals import StopRequest
 from src.errors import ConfigError
 from src.evaluators import build_evaluator
-from src.models import build_loss, build_model, check_output_size
+from src.models import build_loss, check_output_size
 from src.models.freezing import plan_unfreezing
 from src.optim import build_optimizer, build_scheduler, is_schedule_free, set_optimizer_mode
 from src.optim.param_groups import describe as describe_groups
@@ -317,7 +317,7 @@ class Trainer:
         self.privacy = build_privacy(cfg, len(self.train.dataset), self.precision.name)
         if self.privacy is not None:
             self.train = self.privacy.poisson_split(self.train)
-        model = build_model(cfg.model, self.num_classes, privacy=privacy_section(cfg))
+        model = model_for(cfg, self.num_classes)
         if self.privacy is not None:  # refuse layers Opacus cannot train (BatchNorm)
             self.privacy.check_model(model)
         model.to(ctx.device)
@@ -393,7 +393,7 @@ class Trainer:
         )  # fmt: skip
         # MFU on a GPU whose peak is known: the FLOPs of a training step are counted once, here.
         peak = peak_flops(ctx.device)
-        build = lambda: build_model(cfg.model, self.num_classes, privacy=privacy_section(cfg))  # noqa: E731
+        build = lambda: model_for(cfg, self.num_classes)  # noqa: E731
         sample = self.train.dataset[0] if peak else None
         flops = train_flops_per_sample(build, sample, int(cfg.batch), self.loss_fn) if peak else None
         self.window = LogWindow(ctx, self.log_every, flops, peak, bool(cfg.logging.progress_bar))

@@ -45,9 +45,8 @@ def lr_range_test(
     from src.data.batch import split_batch, to_device, total_loss
     from src.data.transforms import split_transforms
     from src.distributed import process_group as dist_utils
-    from src.engine.build import build_split, num_classes_of, privacy_section
+    from src.engine.build import build_split, model_for, num_classes_of
     from src.engine.precision import configure_backends, resolve_precision
-    from src.models.build import build_model
     from src.models.losses import build_loss
     from src.optim import build_optimizer
 
@@ -63,7 +62,7 @@ def lr_range_test(
     precision = resolve_precision(cfg.gpu, ctx.device)
     train = build_split(cfg, "train", ctx, shuffle=True, transforms=split_transforms(cfg.get("transform")))
     num_classes = num_classes_of(cfg, train.dataset)
-    model = build_model(cfg.model, num_classes, privacy=privacy_section(cfg)).to(ctx.device)
+    model = model_for(cfg, num_classes).to(ctx.device)
     model.train()
     loss_fn = build_loss(cfg.loss)
     optimizer = build_optimizer(cfg.optimizer, model)
