@@ -204,13 +204,15 @@ class Checkpointer:
 
             dist.destroy_process_group(group)
 
+    def _what_is_kept(self) -> str:
+        """For a run stopped by non-finite numbers: where the last good state is, if any was saved."""
+        if (self.ckpt_dir / "last.pth").exists():
+            return f"the last good checkpoint is kept in {self.ckpt_dir}"
+        return "no checkpoint had been saved yet"
+
     def non_finite(self, loss: float) -> RunError:
         """The error for a loss that became NaN/inf, naming the checkpoint that is still good."""
-        kept = (
-            f"the last good checkpoint is kept in {self.ckpt_dir}"
-            if (self.ckpt_dir / "last.pth").exists()
-            else "no checkpoint had been saved yet"
-        )
+        kept = self._what_is_kept()
         return RunError(
             f"the training loss became {loss} at epoch {self.progress.epoch + 1}, step {self.progress.global_step}; "
             f"{kept}; lower optimizer.lr, set training.gradient_clip_norm, or training.nan_policy=skip"
@@ -227,11 +229,7 @@ class Checkpointer:
 
     def non_finite_weights(self) -> RunError:
         """The error for weights that are NaN/inf: no policy can train on, so the run stops, saving nothing."""
-        kept = (
-            f"the last good checkpoint is kept in {self.ckpt_dir}"
-            if (self.ckpt_dir / "last.pth").exists()
-            else "no checkpoint had been saved yet"
-        )
+        kept = self._what_is_kept()
         return RunError(
             f"the model's weights became non-finite (NaN/inf) by epoch {self.progress.epoch + 1}, step "
             f"{self.progress.global_step}, so the run cannot train on (training.nan_policy=skip cannot undo it); "
